@@ -1,0 +1,434 @@
+//! RFC 9111 rules for a shared cache: what may be stored, for how long, when it may be served stale,
+//! and how a request's own directives and conditionals are honoured.
+//!
+//! http-cache-semantics decides storability and the freshness lifetime (s-maxage > max-age > Expires >
+//! heuristic). It does not know stale-while-revalidate / stale-if-error, collapses repeated headers and
+//! formats dates wrongly for HTTP, so those parts are ours.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, Response, StatusCode};
+use http_cache_semantics::{CacheOptions, CachePolicy};
+
+use super::entry::Admission;
+use crate::config::Config;
+
+/// Iterates the directives of every `Cache-Control` (or `Pragma`) value: `(name lowercased, value)`.
+pub fn directives<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue> + 'a,
+) -> impl Iterator<Item = (String, Option<&'a str>)> + 'a {
+    values
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|part| {
+            let part = part.trim();
+            if part.is_empty() {
+                return None;
+            }
+            let mut kv = part.splitn(2, '=');
+            let name = kv.next()?.trim().to_ascii_lowercase();
+            let value = kv.next().map(|v| v.trim().trim_matches('"'));
+            Some((name, value))
+        })
+}
+
+fn seconds(value: Option<&str>) -> Option<u64> {
+    value.and_then(|v| v.parse::<u64>().ok())
+}
+
+/// The response directives the proxy needs beyond what http-cache-semantics computes.
+#[derive(Debug, Default, Clone)]
+pub struct ResponseDirectives {
+    pub public: bool,
+    pub no_cache: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub s_maxage: bool,
+    pub max_age: bool,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+}
+
+impl ResponseDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut d = ResponseDirectives::default();
+        for (name, value) in directives(headers.get_all(header::CACHE_CONTROL)) {
+            match name.as_str() {
+                "public" => d.public = true,
+                // A qualified no-cache="field" is treated as unqualified: always correct, RFC 9111 §5.2.2.4.
+                "no-cache" => d.no_cache = true,
+                "must-revalidate" => d.must_revalidate = true,
+                "proxy-revalidate" => d.proxy_revalidate = true,
+                "s-maxage" => d.s_maxage = true,
+                "max-age" => d.max_age = true,
+                "stale-while-revalidate" => d.stale_while_revalidate = seconds(value),
+                "stale-if-error" => d.stale_if_error = seconds(value),
+                _ => {}
+            }
+        }
+        if !headers.contains_key(header::CACHE_CONTROL)
+            && directives(headers.get_all(header::PRAGMA)).any(|(n, _)| n == "no-cache")
+        {
+            d.no_cache = true;
+        }
+        d
+    }
+
+    /// must-revalidate, proxy-revalidate and no-cache forbid serving the response stale.
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.no_cache
+    }
+}
+
+/// When a stored response stops being fresh, and how long after that it may still be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub fresh_until: SystemTime,
+    pub stale_while_revalidate_until: SystemTime,
+    pub stale_if_error_until: SystemTime,
+    /// The `Age` the response already had when received.
+    pub initial_age: Duration,
+}
+
+/// Why a response is not stored (for logs and `Cache-Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStorable {
+    Policy,
+    SetCookie,
+    VaryStar,
+    NeverReusable,
+}
+
+pub fn cache_options() -> CacheOptions {
+    CacheOptions {
+        shared: true,
+        ..CacheOptions::default()
+    }
+}
+
+/// Decides whether a response may be stored and computes its instants.
+///
+/// `policy` was built from the request and response; `now` is the response time.
+pub fn assess(
+    policy: &CachePolicy,
+    response_headers: &HeaderMap,
+    now: SystemTime,
+    config: &Config,
+) -> Result<Lifetime, NotStorable> {
+    if !policy.is_storable() {
+        return Err(NotStorable::Policy);
+    }
+    let d = ResponseDirectives::parse(response_headers);
+    // A shared cache that replays one user's Set-Cookie to another leaks sessions: store such
+    // responses only when the origin says `public` (as Varnish and http-cache-semantics do).
+    if response_headers.contains_key(header::SET_COOKIE) && !d.public {
+        return Err(NotStorable::SetCookie);
+    }
+    vary_names(response_headers)?;
+    let explicit = d.s_maxage || d.max_age || response_headers.contains_key(header::EXPIRES);
+    let mut ttl = policy.time_to_live(now);
+    let initial_age = policy.age(now);
+    if ttl.is_zero() && !explicit && !d.no_cache {
+        if let Some(fallback) = config.fallback_max_age {
+            ttl = fallback.saturating_sub(initial_age);
+        }
+    }
+    let has_validators = response_headers.contains_key(header::ETAG)
+        || response_headers.contains_key(header::LAST_MODIFIED);
+    if ttl.is_zero() && !has_validators {
+        return Err(NotStorable::NeverReusable);
+    }
+    let (swr, sie) = if d.forbids_stale() {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        let swr = Duration::from_secs(d.stale_while_revalidate.unwrap_or(0));
+        let sie = Duration::from_secs(d.stale_if_error.unwrap_or(0));
+        // s-maxage carries proxy-revalidate semantics (RFC 9111 §5.2.2.10): only the origin's own
+        // stale-* directives may loosen it, never the proxy-wide windows.
+        if d.s_maxage {
+            (swr, sie)
+        } else {
+            (swr.max(config.grace), sie.max(config.stale_if_error))
+        }
+    };
+    let fresh_until = now + ttl;
+    Ok(Lifetime {
+        fresh_until,
+        stale_while_revalidate_until: fresh_until + swr,
+        stale_if_error_until: fresh_until + sie,
+        initial_age,
+    })
+}
+
+/// Decides whether a response to `request` (a GET as the cache sees it: path, client headers and
+/// `Host`) may be stored; if so, everything an [`super::Entry`] needs besides its body.
+pub fn admit(
+    request: &request::Parts,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+    config: &Config,
+) -> Result<Admission, NotStorable> {
+    let (mut response, ()) = Response::new(()).into_parts();
+    response.status = status;
+    response.headers = headers.clone();
+    let policy = CachePolicy::new_options(request, &response, now, cache_options());
+    let lifetime = assess(&policy, headers, now, config)?;
+    let never_stale = ResponseDirectives::parse(headers).forbids_stale();
+    let variant = vary_names(headers)?
+        .into_iter()
+        .map(|name| {
+            let values = request.headers.get_all(&name).iter().cloned().collect();
+            (name, values)
+        })
+        .collect();
+    Ok(Admission {
+        policy,
+        lifetime,
+        never_stale,
+        variant,
+    })
+}
+
+/// The header names a response varies on, lowercased; `Err` for `Vary: *` (or an unreadable
+/// `Vary`), which never matches a later request.
+pub fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, NotStorable> {
+    let mut names = Vec::new();
+    for value in headers.get_all(header::VARY) {
+        let Ok(value) = value.to_str() else {
+            return Err(NotStorable::VaryStar);
+        };
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return Err(NotStorable::VaryStar);
+            }
+            let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .map_err(|_| NotStorable::VaryStar)?;
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(names)
+}
+
+/// A request's own cache directives (`Cache-Control`, or `Pragma: no-cache` without it).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestDirectives {
+    pub no_cache: bool,
+    pub no_store: bool,
+    pub only_if_cached: bool,
+    pub max_age: Option<u64>,
+    pub min_fresh: Option<u64>,
+    /// `Some(None)`: any staleness accepted; `Some(Some(n))`: up to n seconds.
+    pub max_stale: Option<Option<u64>>,
+}
+
+impl RequestDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut d = RequestDirectives::default();
+        for (name, value) in directives(headers.get_all(header::CACHE_CONTROL)) {
+            match name.as_str() {
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                "only-if-cached" => d.only_if_cached = true,
+                "max-age" => d.max_age = seconds(value).or(Some(0)),
+                "min-fresh" => d.min_fresh = seconds(value),
+                "max-stale" => d.max_stale = Some(seconds(value)),
+                _ => {}
+            }
+        }
+        if !headers.contains_key(header::CACHE_CONTROL)
+            && directives(headers.get_all(header::PRAGMA)).any(|(n, _)| n == "no-cache")
+        {
+            d.no_cache = true;
+        }
+        d
+    }
+}
+
+/// True when a request carries anything that needs more than the plain fresh-hit check.
+#[inline]
+pub fn needs_full_evaluation(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::CACHE_CONTROL)
+        || headers.contains_key(header::PRAGMA)
+        || headers.contains_key(header::IF_NONE_MATCH)
+        || headers.contains_key(header::IF_MODIFIED_SINCE)
+        || headers.contains_key(header::IF_MATCH)
+        || headers.contains_key(header::IF_UNMODIFIED_SINCE)
+        || headers.contains_key(header::IF_RANGE)
+        || headers.contains_key(header::RANGE)
+}
+
+/// Weak comparison of entity tags (RFC 9110 §8.8.3.2): `W/"a"` matches `"a"`.
+fn etag_weak_eq(a: &str, b: &str) -> bool {
+    a.trim().trim_start_matches("W/") == b.trim().trim_start_matches("W/")
+}
+
+/// Does `If-None-Match` list the entity tag (or `*`)?
+pub fn if_none_match_matches(if_none_match: &HeaderMap, etag: Option<&HeaderValue>) -> bool {
+    let Some(etag) = etag.and_then(|e| e.to_str().ok()) else {
+        return false;
+    };
+    if_none_match
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|candidate| candidate.trim() == "*" || etag_weak_eq(candidate, etag))
+}
+
+/// Evaluates a client's `If-None-Match` / `If-Modified-Since` against a stored response:
+/// `true` means answer 304 Not Modified (RFC 9110 §13.2.2 order: If-None-Match wins).
+pub fn not_modified(
+    request: &HeaderMap,
+    etag: Option<&HeaderValue>,
+    last_modified: Option<SystemTime>,
+) -> bool {
+    if request.contains_key(header::IF_NONE_MATCH) {
+        return if_none_match_matches(request, etag);
+    }
+    let since = request
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    match (since, last_modified) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// Whether a 304 that answered our revalidation really describes the stored response: a validator
+/// it carries must agree with ours (RFC 9111 §4.3.4).
+pub fn revalidation_matches(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    match (stored.get(header::ETAG), not_modified.get(header::ETAG)) {
+        (Some(old), Some(new)) => match (old.to_str(), new.to_str()) {
+            (Ok(old), Ok(new)) => etag_weak_eq(old, new),
+            _ => false,
+        },
+        (None, Some(_)) => false,
+        _ => match (
+            stored.get(header::LAST_MODIFIED),
+            not_modified.get(header::LAST_MODIFIED),
+        ) {
+            (Some(old), Some(new)) => old == new,
+            _ => true,
+        },
+    }
+}
+
+/// Stored headers updated with those of a 304 (RFC 9111 §3.2): each field the 304 carries replaces
+/// all stored instances of that field, repeated values intact; framing fields are kept from the store.
+pub fn merge_not_modified(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    const KEEP: [HeaderName; 4] = [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_RANGE,
+    ];
+    let mut merged = stored.clone();
+    for name in not_modified.keys() {
+        if KEEP.contains(name) {
+            continue;
+        }
+        merged.remove(name);
+        for value in not_modified.get_all(name) {
+            merged.append(name.clone(), value.clone());
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(*k, HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    #[test]
+    fn request_directives_parse() {
+        let d = RequestDirectives::parse(&headers(&[(
+            "cache-control",
+            "max-age=5, max-stale, only-if-cached",
+        )]));
+        assert_eq!(d.max_age, Some(5));
+        assert_eq!(d.max_stale, Some(None));
+        assert!(d.only_if_cached);
+        let d = RequestDirectives::parse(&headers(&[("pragma", "no-cache")]));
+        assert!(d.no_cache);
+    }
+
+    #[test]
+    fn stale_directives_parse() {
+        let d = ResponseDirectives::parse(&headers(&[(
+            "cache-control",
+            "max-age=1, stale-while-revalidate=30, stale-if-error=\"60\"",
+        )]));
+        assert_eq!(d.stale_while_revalidate, Some(30));
+        assert_eq!(d.stale_if_error, Some(60));
+        assert!(!d.forbids_stale());
+    }
+
+    #[test]
+    fn vary_star_never_matches() {
+        assert!(vary_names(&headers(&[("vary", "Accept-Encoding, *")])).is_err());
+        let names = vary_names(&headers(&[
+            ("vary", "User-Agent"),
+            ("vary", "accept-encoding"),
+        ]));
+        assert_eq!(
+            names.ok(),
+            Some(vec![header::ACCEPT_ENCODING, header::USER_AGENT])
+        );
+    }
+
+    #[test]
+    fn conditionals_use_weak_comparison() {
+        let etag = HeaderValue::from_static("\"v1\"");
+        assert!(not_modified(
+            &headers(&[("if-none-match", "W/\"v1\"")]),
+            Some(&etag),
+            None
+        ));
+        assert!(not_modified(
+            &headers(&[("if-none-match", "\"x\", *")]),
+            Some(&etag),
+            None
+        ));
+        assert!(!not_modified(
+            &headers(&[("if-none-match", "\"v2\"")]),
+            Some(&etag),
+            None
+        ));
+    }
+
+    #[test]
+    fn merge_keeps_repeated_headers_and_framing() {
+        let stored = headers(&[
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("content-length", "10"),
+            ("cache-control", "max-age=1"),
+        ]);
+        let fresh = headers(&[("cache-control", "max-age=60"), ("content-length", "0")]);
+        let merged = merge_not_modified(&stored, &fresh);
+        assert_eq!(merged.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(
+            merged.get("content-length"),
+            Some(&HeaderValue::from_static("10"))
+        );
+        assert_eq!(
+            merged.get("cache-control"),
+            Some(&HeaderValue::from_static("max-age=60"))
+        );
+    }
+}

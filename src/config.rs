@@ -1,0 +1,315 @@
+//! Configuration: every setting is an environment variable and a clap flag, parsed into typed values.
+//!
+//! Clap reads the raw strings (so `--help` lists every variable); [`Config::from_raw`] turns them into
+//! typed values through small parsers whose errors name the variable, so a bad deployment fails at
+//! start-up with exit status 2 and a message an operator can act on.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use http::Uri;
+
+pub const ORIGIN_URL: &str = "ORIGIN_URL";
+pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
+pub const ADMIN_ADDR: &str = "ADMIN_ADDR";
+pub const CACHE_SIZE_MB: &str = "CACHE_SIZE_MB";
+pub const CACHE_MAX_OBJECT_MB: &str = "CACHE_MAX_OBJECT_MB";
+pub const CACHE_MAX_AGE: &str = "CACHE_MAX_AGE";
+pub const CACHE_GRACE: &str = "CACHE_GRACE";
+pub const CACHE_STALE_IF_ERROR: &str = "CACHE_STALE_IF_ERROR";
+pub const CACHE_LOCK_TIMEOUT: &str = "CACHE_LOCK_TIMEOUT";
+pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
+pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
+pub const LOG_FORMAT: &str = "LOG_FORMAT";
+pub const RUST_LOG: &str = "RUST_LOG";
+
+/// Raw settings as clap sees them: strings, validated by [`Config::from_raw`].
+#[derive(Debug, Clone, Parser)]
+#[command(name = "strata", version, about = "Strata: a caching reverse proxy")]
+pub struct RawArgs {
+    /// Origin base URL (http:// or https://, optionally with a path prefix).
+    #[arg(long, env = ORIGIN_URL, value_name = ORIGIN_URL)]
+    pub origin_url: String,
+    /// Address for client traffic.
+    #[arg(long, env = LISTEN_ADDR, value_name = LISTEN_ADDR, default_value = "0.0.0.0:8080")]
+    pub listen_addr: String,
+    /// Address of the admin listener (/health).
+    #[arg(long, env = ADMIN_ADDR, value_name = ADMIN_ADDR, default_value = "127.0.0.1:9090")]
+    pub admin_addr: String,
+    /// In-RAM L1 size in MiB (key + headers + body are counted); 0 disables L1.
+    #[arg(long, env = CACHE_SIZE_MB, value_name = CACHE_SIZE_MB, default_value = "256")]
+    pub cache_size_mb: String,
+    /// Largest body, in MiB, that is stored; larger responses stream through uncached.
+    #[arg(long, env = CACHE_MAX_OBJECT_MB, value_name = CACHE_MAX_OBJECT_MB, default_value = "8")]
+    pub cache_max_object_mb: String,
+    /// Fallback freshness lifetime for responses that carry no freshness information (unset: none).
+    #[arg(long, env = CACHE_MAX_AGE, value_name = CACHE_MAX_AGE)]
+    pub cache_max_age: Option<String>,
+    /// Proxy-wide stale-while-revalidate window.
+    #[arg(long, env = CACHE_GRACE, value_name = CACHE_GRACE, default_value = "0s")]
+    pub cache_grace: String,
+    /// Proxy-wide stale-if-error window.
+    #[arg(long, env = CACHE_STALE_IF_ERROR, value_name = CACHE_STALE_IF_ERROR, default_value = "0s")]
+    pub cache_stale_if_error: String,
+    /// Longest a request waits for another request's fill of the same key before fetching itself.
+    #[arg(long, env = CACHE_LOCK_TIMEOUT, value_name = CACHE_LOCK_TIMEOUT, default_value = "5s")]
+    pub cache_lock_timeout: String,
+    /// Origin deadline: time to response headers, and longest silence while reading its body.
+    #[arg(long, env = ORIGIN_TIMEOUT, value_name = ORIGIN_TIMEOUT, default_value = "30s")]
+    pub origin_timeout: String,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = SHUTDOWN_TIMEOUT, value_name = SHUTDOWN_TIMEOUT, default_value = "30s")]
+    pub shutdown_timeout: String,
+    /// Log line format: text or json.
+    #[arg(long, env = LOG_FORMAT, value_name = LOG_FORMAT, default_value = "text")]
+    pub log_format: String,
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `strata=debug,info`.
+    #[arg(long, env = RUST_LOG, value_name = RUST_LOG, default_value = "info")]
+    pub rust_log: String,
+}
+
+/// The typed, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub origin: Uri,
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub cache_size_bytes: u64,
+    pub max_object_bytes: u64,
+    pub fallback_max_age: Option<Duration>,
+    pub grace: Duration,
+    pub stale_if_error: Duration,
+    pub lock_timeout: Duration,
+    pub origin_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A setting that cannot be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {var}={value:?}: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Args(String),
+}
+
+impl ConfigError {
+    fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            var,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Every variable with its flag, so a map of variables can be fed to clap without the process env.
+const FLAGS: &[(&str, &str)] = &[
+    (ORIGIN_URL, "--origin-url"),
+    (LISTEN_ADDR, "--listen-addr"),
+    (ADMIN_ADDR, "--admin-addr"),
+    (CACHE_SIZE_MB, "--cache-size-mb"),
+    (CACHE_MAX_OBJECT_MB, "--cache-max-object-mb"),
+    (CACHE_MAX_AGE, "--cache-max-age"),
+    (CACHE_GRACE, "--cache-grace"),
+    (CACHE_STALE_IF_ERROR, "--cache-stale-if-error"),
+    (CACHE_LOCK_TIMEOUT, "--cache-lock-timeout"),
+    (ORIGIN_TIMEOUT, "--origin-timeout"),
+    (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
+    (LOG_FORMAT, "--log-format"),
+    (RUST_LOG, "--rust-log"),
+];
+
+impl Config {
+    /// Builds a configuration from `(VARIABLE, value)` pairs, as if they were set in the environment.
+    /// Tests use this instead of mutating the process environment.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut args = vec!["strata".to_string()];
+        for (name, value) in vars {
+            let name = name.as_ref();
+            let flag = FLAGS
+                .iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, flag)| *flag)
+                .ok_or_else(|| ConfigError::Args(format!("unknown variable {name}")))?;
+            args.push(format!("{flag}={}", value.as_ref()));
+        }
+        let raw = RawArgs::try_parse_from(args).map_err(|e| ConfigError::Args(e.to_string()))?;
+        Config::from_raw(raw)
+    }
+
+    /// Validates clap's raw strings.
+    pub fn from_raw(raw: RawArgs) -> Result<Config, ConfigError> {
+        Ok(Config {
+            origin: parse_origin(&raw.origin_url)?,
+            listen_addr: parse_addr(LISTEN_ADDR, &raw.listen_addr)?,
+            admin_addr: parse_addr(ADMIN_ADDR, &raw.admin_addr)?,
+            cache_size_bytes: parse_megabytes(CACHE_SIZE_MB, &raw.cache_size_mb)?,
+            max_object_bytes: match parse_megabytes(CACHE_MAX_OBJECT_MB, &raw.cache_max_object_mb)?
+            {
+                0 => {
+                    return Err(ConfigError::invalid(
+                        CACHE_MAX_OBJECT_MB,
+                        &raw.cache_max_object_mb,
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
+            fallback_max_age: raw
+                .cache_max_age
+                .as_deref()
+                .map(|v| parse_duration(CACHE_MAX_AGE, v))
+                .transpose()?
+                .filter(|d| !d.is_zero()),
+            grace: parse_duration(CACHE_GRACE, &raw.cache_grace)?,
+            stale_if_error: parse_duration(CACHE_STALE_IF_ERROR, &raw.cache_stale_if_error)?,
+            lock_timeout: parse_duration(CACHE_LOCK_TIMEOUT, &raw.cache_lock_timeout)?,
+            origin_timeout: parse_positive_duration(ORIGIN_TIMEOUT, &raw.origin_timeout)?,
+            shutdown_timeout: parse_duration(SHUTDOWN_TIMEOUT, &raw.shutdown_timeout)?,
+            log_format: match raw.log_format.to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        LOG_FORMAT,
+                        &raw.log_format,
+                        "expected text or json",
+                    ))
+                }
+            },
+        })
+    }
+}
+
+fn parse_origin(value: &str) -> Result<Uri, ConfigError> {
+    let uri: Uri = value
+        .parse()
+        .map_err(|e| ConfigError::invalid(ORIGIN_URL, value, format!("not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(ConfigError::invalid(
+                ORIGIN_URL,
+                value,
+                "scheme must be http or https",
+            ))
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::invalid(ORIGIN_URL, value, "no host"));
+    }
+    if uri.query().is_some() {
+        return Err(ConfigError::invalid(
+            ORIGIN_URL,
+            value,
+            "must not carry a query string",
+        ));
+    }
+    Ok(uri)
+}
+
+fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::invalid(var, value, "expected IP:PORT, e.g. 0.0.0.0:8080"))
+}
+
+fn parse_megabytes(var: &'static str, value: &str) -> Result<u64, ConfigError> {
+    let mb: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::invalid(var, value, "expected a whole number of MiB"))?;
+    mb.checked_mul(1024 * 1024)
+        .ok_or_else(|| ConfigError::invalid(var, value, "too large"))
+}
+
+/// Durations read `250ms`, `30s`, `5m`, `1h` (and combinations such as `1m30s`); a bare number is seconds.
+pub fn parse_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let value_trimmed = value.trim();
+    if let Ok(secs) = value_trimmed.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(value_trimmed).map_err(|e| {
+        ConfigError::invalid(
+            var,
+            value,
+            format!("expected a duration like 250ms, 30s, 5m, 1h ({e})"),
+        )
+    })
+}
+
+fn parse_positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(var, value)?;
+    if d.is_zero() {
+        return Err(ConfigError::invalid(
+            var,
+            value,
+            "must be greater than zero",
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_an_operator_writes_them() {
+        let d = |v| parse_duration(CACHE_GRACE, v).ok();
+        assert_eq!(d("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(d("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(d("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(d("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(d("45"), Some(Duration::from_secs(45)));
+        assert_eq!(d("soon"), None);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let err = Config::from_vars([("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("CACHE_SIZE_MB"), "{err}");
+        let err = Config::from_vars([("ORIGIN_URL", "ftp://x")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("ORIGIN_URL"), "{err}");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::from_vars([("ORIGIN_URL", "https://example.com/base")]);
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(c.cache_size_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.max_object_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.lock_timeout, Duration::from_secs(5));
+        assert_eq!(c.origin_timeout, Duration::from_secs(30));
+        assert_eq!(c.fallback_max_age, None);
+        assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:9090");
+    }
+}

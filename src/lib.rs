@@ -1,0 +1,27 @@
+//! Strata: a caching reverse proxy with an in-RAM L1, RFC 9111 shared-cache semantics, miss
+//! coalescing and stale serving.
+//!
+//! # Layout
+//! - [`config`]: every environment variable / flag, typed and validated.
+//! - [`server`]: listeners (HTTP/1.1 + h2c), admin listener, graceful shutdown.
+//! - [`proxy`]: the request path: cache decisions, origin client, header rules, fills.
+//! - [`cache`]: keys, stored entries, RFC 9111 policy, the L1 tier and the tiered lookup.
+//! - [`coalesce`]: one origin request per key; followers wait for the leader.
+//! - [`admin`]: admin routes (`/health`).
+//! - [`metrics`]: counters behind `/stats` and the tests.
+//! - [`clock`]: the wall clock freshness is computed against (advanceable in tests).
+//! - [`telemetry`]: tracing set-up (text or JSON lines).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cache;
+pub mod clock;
+pub mod coalesce;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+
+pub use proxy::{Proxy, StartError};

@@ -1,0 +1,64 @@
+//! The `strata` binary: parse configuration, start logging, serve until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use strata::config::{Config, RawArgs};
+
+/// Exit status for unusable configuration (as clap uses for usage errors).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let raw = RawArgs::parse();
+    let log_filter = raw.rust_log.clone();
+    let config = match Config::from_raw(raw) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("strata: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    strata::telemetry::init(config.log_format, &log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("strata: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(addr = %config.listen_addr, %error, "cannot bind LISTEN_ADDR");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let admin = match tokio::net::TcpListener::bind(config.admin_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(addr = %config.admin_addr, %error, "cannot bind ADMIN_ADDR");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let proxy = match strata::Proxy::new(config) {
+        Ok(proxy) => proxy,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match strata::server::serve(proxy, listener, admin, strata::server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The one body type Strata sends both ways: empty, a stored `Bytes`, a streamed hyper body (with an
+//! idle deadline when it comes from the origin), or a channel fed by a cache fill.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The origin went silent for longer than `ORIGIN_TIMEOUT` in the middle of a body.
+#[derive(Debug, thiserror::Error)]
+#[error("origin body idle for more than {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+pin_project_lite::pin_project! {
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Empty,
+        Full { data: Option<Bytes> },
+        /// A client's request body on its way to the origin.
+        Client { #[pin] body: Incoming },
+        /// An origin's response body on its way to the client.
+        Origin { #[pin] body: Incoming, idle: Pin<Box<Sleep>>, timeout: Duration },
+        /// Chunks forwarded by a fill task that also stores them.
+        Channel { rx: mpsc::Receiver<Result<Bytes, BoxError>> },
+    }
+}
+
+impl ProxyBody {
+    pub fn empty() -> Self {
+        ProxyBody::Empty
+    }
+
+    pub fn full(data: Bytes) -> Self {
+        ProxyBody::Full { data: Some(data) }
+    }
+
+    pub fn client(body: Incoming) -> Self {
+        ProxyBody::Client { body }
+    }
+
+    pub fn origin(body: Incoming, timeout: Duration) -> Self {
+        ProxyBody::Origin {
+            body,
+            idle: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        }
+    }
+
+    pub fn channel(rx: mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
+        ProxyBody::Channel { rx }
+    }
+}
+
+impl From<&'static str> for ProxyBody {
+    fn from(text: &'static str) -> Self {
+        ProxyBody::full(Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ProxyBodyProj::Empty => Poll::Ready(None),
+            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Client { body } => body.poll_frame(cx).map_err(Into::into),
+            ProxyBodyProj::Origin {
+                body,
+                idle,
+                timeout,
+            } => match body.poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    idle.as_mut().reset(Instant::now() + *timeout);
+                    Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                }
+                Poll::Pending => match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(IdleTimeout(*timeout).into()))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+            ProxyBodyProj::Channel { rx } => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| c.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Client { body } => body.is_end_stream(),
+            ProxyBody::Origin { body, .. } => body.is_end_stream(),
+            ProxyBody::Channel { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Client { body } => body.size_hint(),
+            ProxyBody::Origin { body, .. } => body.size_hint(),
+            ProxyBody::Channel { .. } => SizeHint::default(),
+        }
+    }
+}

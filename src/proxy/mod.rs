@@ -1,0 +1,612 @@
+//! The request path: decide from the cache, go to the origin when needed, answer the client.
+//!
+//! Flow for GET/HEAD: a request without its own cache headers takes the fast path (one L1 lookup, one
+//! instant compared). Otherwise the request's directives and conditionals are honoured. Misses are
+//! coalesced per key ([`crate::coalesce`]); the leader streams the origin's answer to its client while
+//! a fill task keeps a copy for the cache ([`fill`]). Other methods pass through and invalidate.
+
+pub mod body;
+mod fill;
+pub mod headers;
+pub mod origin;
+pub mod respond;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::cache::key::{cache_key, request_host};
+use crate::cache::policy::{needs_full_evaluation, RequestDirectives};
+use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
+use crate::clock::Clock;
+use crate::coalesce::{Coalescer, Join, Waited};
+use crate::config::Config;
+use crate::metrics::{Stats, StatsSnapshot};
+use body::ProxyBody;
+use origin::{Origin, OriginError};
+use respond::{Detail, Fwd};
+
+/// Strata could not start (the origin client could not be built).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot build the origin client: {0}")]
+    OriginClient(#[from] std::io::Error),
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) cache: Cache,
+    pub(crate) coalescer: Arc<Coalescer>,
+    pub(crate) origin: Origin,
+    pub(crate) stats: Stats,
+    pub(crate) clock: Clock,
+}
+
+/// A running proxy's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Proxy(pub(crate) Arc<Inner>);
+
+/// What a request is, once its host is known.
+pub(crate) struct Target {
+    pub(crate) host: String,
+    pub(crate) key: String,
+    pub(crate) peer: SocketAddr,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Result<Proxy, StartError> {
+        let origin = Origin::new(&config)?;
+        let cache = Cache::new(config.cache_size_bytes, config.max_object_bytes);
+        Ok(Proxy(Arc::new(Inner {
+            cache,
+            coalescer: Coalescer::new(),
+            origin,
+            stats: Stats::default(),
+            clock: Clock::default(),
+            config,
+        })))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// The wall clock used for freshness; tests advance it.
+    pub fn clock(&self) -> &Clock {
+        &self.0.clock
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut snapshot = self.0.stats.snapshot();
+        let l1 = self.0.cache.l1();
+        snapshot.l1_bytes = l1.weight();
+        snapshot.l1_entries = l1.len();
+        snapshot.l1_capacity_bytes = l1.capacity();
+        snapshot.l1_evictions = l1.evictions();
+        snapshot
+    }
+
+    /// Answers one client request. Never fails: every problem becomes an HTTP answer.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let response = self.route(request, peer).await;
+        self.0.stats.count(cache_status_of(&response));
+        let x_cache = response
+            .headers()
+            .get(headers::X_CACHE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::info!(
+            target: "strata::access",
+            method = %method,
+            host = %host,
+            path = %uri.path(),
+            status = response.status().as_u16(),
+            x_cache,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+        response
+    }
+
+    async fn route(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let Some(host) = request_host(request.uri(), request.headers()).map(str::to_owned) else {
+            return respond::text(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: missing or invalid Host\n",
+                Detail::Bypass,
+            );
+        };
+        let target = Target {
+            key: cache_key(&host, request.uri()),
+            host,
+            peer,
+        };
+        if let Some(protocol) = headers::upgrade_requested(request.headers()) {
+            let on_client_upgrade = hyper::upgrade::on(&mut request);
+            return self
+                .upgrade(request, target, protocol, on_client_upgrade)
+                .await;
+        }
+        match *request.method() {
+            Method::GET | Method::HEAD => {
+                let (parts, _ignored_body) = request.into_parts();
+                self.cached(parts, target).await
+            }
+            _ => self.pass_unsafe(request, target).await,
+        }
+    }
+
+    /// GET and HEAD: answer from the cache when RFC 9111 allows, else from the origin.
+    async fn cached(&self, parts: Parts, target: Target) -> Response<ProxyBody> {
+        let inner = &self.0;
+        let now = inner.clock.now();
+        let head = parts.method == Method::HEAD;
+        let stored = inner.cache.lookup(&target.key, &parts.headers);
+
+        // Fast path: no request directives or conditionals, a fresh entry.
+        if !needs_full_evaluation(&parts.headers) {
+            if let Some(entry) = &stored {
+                if entry.is_fresh(now) {
+                    return self.answer_stored(entry, &parts.headers, head, now, Detail::Hit);
+                }
+            }
+        }
+
+        let directives = RequestDirectives::parse(&parts.headers);
+        if let Some(entry) = &stored {
+            if !directives.no_cache && satisfies(entry, &directives, now) {
+                return self.answer_stored(entry, &parts.headers, head, now, Detail::Hit);
+            }
+            let client_tolerates_stale =
+                directives.max_age.is_none() && directives.min_fresh.is_none();
+            if !directives.no_cache
+                && client_tolerates_stale
+                && !entry.is_fresh(now)
+                && entry.may_serve_while_revalidating(now)
+            {
+                self.refresh_in_background(&parts, &target, entry.clone());
+                return self.answer_stored(
+                    entry,
+                    &parts.headers,
+                    head,
+                    now,
+                    Detail::StaleWhileRevalidate,
+                );
+            }
+        }
+        if directives.only_if_cached {
+            return respond::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "504 Gateway Timeout: not in cache (only-if-cached)\n",
+                Detail::Miss {
+                    stored: false,
+                    fwd: Fwd::UriMiss,
+                },
+            );
+        }
+
+        let fwd = match (&stored, directives.no_cache) {
+            (_, true) => Fwd::Request,
+            (Some(_), false) => Fwd::Stale,
+            (None, false) if inner.cache.l1().get(&target.key).is_some() => Fwd::VaryMiss,
+            (None, false) => Fwd::UriMiss,
+        };
+        let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
+            || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
+        // These go to the origin as they are, neither coalesced nor stored: a HEAD carries no body to
+        // store, a range is a part, no-store forbids storing, and a conditional on a cold key wants
+        // the origin's own 304.
+        if head
+            || parts.headers.contains_key(header::RANGE)
+            || directives.no_store
+            || (client_conditional && stored.is_none())
+        {
+            return self
+                .forward(parts, ProxyBody::empty(), &target, stored, fwd)
+                .await;
+        }
+        self.fetch_coalesced(parts, target, stored, fwd).await
+    }
+
+    fn answer_stored(
+        &self,
+        entry: &Entry,
+        request: &HeaderMap,
+        head: bool,
+        now: SystemTime,
+        detail: Detail,
+    ) -> Response<ProxyBody> {
+        respond::from_entry(entry, request, head, now, detail)
+    }
+
+    /// A miss (or a stale entry that must be revalidated): one leader per key goes to the origin.
+    async fn fetch_coalesced(
+        &self,
+        parts: Parts,
+        target: Target,
+        stored: Option<Arc<Entry>>,
+        fwd: Fwd,
+    ) -> Response<ProxyBody> {
+        let inner = &self.0;
+        // Two rounds: a follower handed another variant of the URL tries once more (and may lead).
+        for _ in 0..2 {
+            match inner.coalescer.join(&target.key) {
+                Join::Leader(permit) => {
+                    return self.lead(parts, &target, stored, permit, fwd).await;
+                }
+                Join::Follower(follower) => match follower.wait(inner.config.lock_timeout).await {
+                    Waited::Stored(entry) if entry.matches_variant(&parts.headers) => {
+                        Stats::incr(&inner.stats.coalesced);
+                        let now = inner.clock.now();
+                        return self.answer_stored(
+                            &entry,
+                            &parts.headers,
+                            false,
+                            now,
+                            Detail::Coalesced,
+                        );
+                    }
+                    Waited::Stored(_) => continue,
+                    Waited::Released | Waited::TimedOut => break,
+                },
+            }
+        }
+        // The leader's answer was not cacheable, or it took longer than CACHE_LOCK_TIMEOUT.
+        let stored_fwd = if stored.is_some() { Fwd::Stale } else { fwd };
+        self.forward(parts, ProxyBody::empty(), &target, stored, stored_fwd)
+            .await
+    }
+
+    /// Goes to the origin for this request alone and stores nothing; a stale entry still covers
+    /// origin failures inside its stale-if-error window.
+    async fn forward(
+        &self,
+        parts: Parts,
+        body: ProxyBody,
+        target: &Target,
+        stored: Option<Arc<Entry>>,
+        fwd: Fwd,
+    ) -> Response<ProxyBody> {
+        let inner = &self.0;
+        let head = parts.method == Method::HEAD;
+        let request_headers = parts.headers.clone();
+        let result = self.send_to_origin(parts, body, target).await;
+        let now = inner.clock.now();
+        let stale = stored.filter(|e| e.may_serve_on_error(now));
+        let response = match result {
+            Ok(response) if is_origin_failure(response.status()) && stale.is_some() => {
+                let status = response.status();
+                drop(response);
+                let entry = stale.as_deref();
+                entry.map(|e| {
+                    self.answer_stored(
+                        e,
+                        &request_headers,
+                        head,
+                        now,
+                        Detail::StaleIfError(Some(status)),
+                    )
+                })
+            }
+            Ok(response) => Some(self.pass_through(response, Detail::Miss { stored: false, fwd })),
+            Err(error) => match stale.as_deref() {
+                Some(entry) => Some(self.answer_stored(
+                    entry,
+                    &request_headers,
+                    head,
+                    now,
+                    Detail::StaleIfError(None),
+                )),
+                None => Some(self.origin_error(error, target)),
+            },
+        };
+        response.unwrap_or_else(|| {
+            respond::text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n", Detail::Bypass)
+        })
+    }
+
+    /// Non-GET/HEAD methods: streamed both ways, never cached; a non-error answer to an unsafe method
+    /// invalidates the URL and same-host `Location`/`Content-Location` (RFC 9111 §4.4).
+    async fn pass_unsafe(&self, request: Request<Incoming>, target: Target) -> Response<ProxyBody> {
+        let (parts, body) = request.into_parts();
+        let unsafe_method = !matches!(parts.method, Method::OPTIONS | Method::TRACE);
+        let response = match self
+            .send_to_origin(parts, ProxyBody::client(body), &target)
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => return self.origin_error(error, &target),
+        };
+        let status = response.status();
+        if unsafe_method && (status.is_success() || status.is_redirection()) {
+            self.invalidate(&target.key);
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let related = response
+                    .headers()
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| same_host_key(v, &target.host));
+                if let Some(key) = related {
+                    self.invalidate(&key);
+                }
+            }
+        }
+        self.pass_through(response, Detail::Bypass)
+    }
+
+    /// Removes every stored response for a URL, and keeps a fill under way from storing its result.
+    pub(crate) fn invalidate(&self, key: &str) {
+        self.0.coalescer.invalidate(key);
+        self.0.cache.purge(key, PurgeReason::Invalidation);
+    }
+
+    /// WebSocket and other protocol switches: forwarded with their `Upgrade`, then both upgraded
+    /// connections are spliced together.
+    async fn upgrade(
+        &self,
+        request: Request<Incoming>,
+        target: Target,
+        protocol: http::HeaderValue,
+        on_client_upgrade: hyper::upgrade::OnUpgrade,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = request.into_parts();
+        let mut upstream_headers = std::mem::take(&mut parts.headers);
+        headers::to_origin(
+            &mut upstream_headers,
+            parts.version,
+            target.peer.ip(),
+            &target.host,
+        );
+        upstream_headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        upstream_headers.insert(header::UPGRADE, protocol);
+        let uri = match self.0.origin.uri_for(parts.uri.path_and_query()) {
+            Ok(uri) => uri,
+            Err(_) => {
+                return respond::text(
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: invalid path\n",
+                    Detail::Bypass,
+                )
+            }
+        };
+        let mut upstream = Request::new(ProxyBody::client(body));
+        *upstream.method_mut() = parts.method;
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = upstream_headers;
+        Stats::incr(&self.0.stats.origin_requests);
+        let mut response = match self.0.origin.send(upstream).await {
+            Ok(response) => response,
+            Err(error) => return self.origin_error(error, &target),
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return self.pass_through(response, Detail::Bypass);
+        }
+        let on_origin_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match (on_client_upgrade.await, on_origin_upgrade.await) {
+                (Ok(client), Ok(origin)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut origin = TokioIo::new(origin);
+                    if let Err(error) =
+                        tokio::io::copy_bidirectional(&mut client, &mut origin).await
+                    {
+                        tracing::debug!(%error, "upgraded connection ended");
+                    }
+                }
+                (client, origin) => {
+                    tracing::warn!(
+                        client_ok = client.is_ok(),
+                        origin_ok = origin.is_ok(),
+                        "protocol upgrade failed"
+                    );
+                }
+            }
+        });
+        let (mut parts, _) = response.into_parts();
+        let upgrade = parts.headers.get(header::UPGRADE).cloned();
+        headers::to_client(&mut parts.headers);
+        parts.headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        if let Some(upgrade) = upgrade {
+            parts.headers.insert(header::UPGRADE, upgrade);
+        }
+        respond::mark(&mut parts.headers, Detail::Bypass, None);
+        Response::from_parts(parts, ProxyBody::empty())
+    }
+
+    /// Sends a client's request (its headers made fit for the origin) with the given body.
+    pub(crate) async fn send_to_origin(
+        &self,
+        mut parts: Parts,
+        body: ProxyBody,
+        target: &Target,
+    ) -> Result<Response<Incoming>, OriginError> {
+        let uri = self
+            .0
+            .origin
+            .uri_for(parts.uri.path_and_query())
+            .map_err(|e| OriginError::Failed(e.to_string()))?;
+        headers::to_origin(
+            &mut parts.headers,
+            parts.version,
+            target.peer.ip(),
+            &target.host,
+        );
+        let mut upstream = Request::new(body);
+        *upstream.method_mut() = parts.method;
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = parts.headers;
+        Stats::incr(&self.0.stats.origin_requests);
+        self.0.origin.send(upstream).await
+    }
+
+    /// An origin answer streamed to the client as it arrives.
+    pub(crate) fn pass_through(
+        &self,
+        response: Response<Incoming>,
+        detail: Detail,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        headers::to_client(&mut parts.headers);
+        respond::mark(&mut parts.headers, detail, None);
+        Response::from_parts(parts, ProxyBody::origin(body, self.0.origin.timeout()))
+    }
+
+    pub(crate) fn origin_error(&self, error: OriginError, target: &Target) -> Response<ProxyBody> {
+        Stats::incr(&self.0.stats.origin_errors);
+        tracing::warn!(host = %target.host, %error, "origin failed");
+        match error {
+            OriginError::Timeout(_) => respond::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "504 Gateway Timeout: the origin did not answer in time\n",
+                Detail::Miss {
+                    stored: false,
+                    fwd: Fwd::UriMiss,
+                },
+            ),
+            OriginError::Unreachable(_) | OriginError::Failed(_) => respond::text(
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: the origin could not be reached\n",
+                Detail::Miss {
+                    stored: false,
+                    fwd: Fwd::UriMiss,
+                },
+            ),
+        }
+    }
+
+    /// Starts the one background revalidation of a stale entry (unless a fill is already under way).
+    fn refresh_in_background(&self, parts: &Parts, target: &Target, stale: Arc<Entry>) {
+        let inner = &self.0;
+        let Join::Leader(permit) = inner.coalescer.join(&target.key) else {
+            return;
+        };
+        Stats::incr(&inner.stats.refreshes);
+        let proxy = self.clone();
+        let parts = refresh_request(parts);
+        let target = Target {
+            host: target.host.clone(),
+            key: target.key.clone(),
+            peer: target.peer,
+        };
+        // Detached from the client that triggered it; bounded by ORIGIN_TIMEOUT inside `lead`.
+        tokio::spawn(async move {
+            let response = proxy
+                .lead(parts, &target, Some(stale), permit, Fwd::Stale)
+                .await;
+            // Nobody reads this answer; the fill task behind it keeps storing on its own.
+            drop(response);
+        });
+    }
+}
+
+/// Whether a stored entry satisfies the request's own directives (RFC 9111 §5.2.1).
+fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> bool {
+    if directives
+        .max_age
+        .is_some_and(|max_age| entry.age(now) > max_age)
+    {
+        return false;
+    }
+    if directives
+        .min_fresh
+        .is_some_and(|min_fresh| entry.ttl_secs(now) < i64::try_from(min_fresh).unwrap_or(i64::MAX))
+    {
+        return false;
+    }
+    if entry.is_fresh(now) {
+        return true;
+    }
+    match directives.max_stale {
+        None => false,
+        Some(_) if entry.never_stale => false,
+        Some(None) => true,
+        Some(Some(limit)) => entry.staleness(now).as_secs() <= limit,
+    }
+}
+
+/// 500, 502, 503 and 504: the answers stale-if-error may hide.
+fn is_origin_failure(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+fn cache_status_of(response: &Response<ProxyBody>) -> CacheStatus {
+    match response
+        .headers()
+        .get(headers::X_CACHE)
+        .map(|v| v.as_bytes())
+    {
+        Some(b"HIT-L1") => CacheStatus::HitL1,
+        Some(b"HIT-L2") => CacheStatus::HitL2,
+        Some(b"STALE") => CacheStatus::Stale,
+        Some(b"REVALIDATED") => CacheStatus::Revalidated,
+        Some(b"BYPASS") => CacheStatus::Bypass,
+        _ => CacheStatus::Miss,
+    }
+}
+
+/// The GET a background refresh sends, built from the request that found the entry stale.
+fn refresh_request(parts: &Parts) -> Parts {
+    let (mut fresh, ()) = Request::new(()).into_parts();
+    fresh.method = Method::GET;
+    fresh.uri = parts.uri.clone();
+    fresh.version = parts.version;
+    fresh.headers = parts.headers.clone();
+    fresh
+}
+
+/// The cache key a `Location`/`Content-Location` value points to, when it is on the same host.
+fn same_host_key(location: &str, host: &str) -> Option<String> {
+    let uri: Uri = location.parse().ok()?;
+    match uri.authority() {
+        Some(authority) if authority.as_str().eq_ignore_ascii_case(host) => {
+            Some(cache_key(host, &uri))
+        }
+        Some(_) => None,
+        None if location.starts_with('/') => Some(cache_key(host, &uri)),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn related_locations_stay_on_the_same_host() {
+        assert_eq!(
+            same_host_key("/a?b=1", "h.test"),
+            Some("h.test/a?b=1".to_string())
+        );
+        assert_eq!(
+            same_host_key("http://H.test/a", "h.test"),
+            Some("h.test/a".to_string())
+        );
+        assert_eq!(same_host_key("http://other.test/a", "h.test"), None);
+        assert_eq!(same_host_key("relative", "h.test"), None);
+    }
+}

@@ -1,0 +1,174 @@
+//! Building answers: from a stored entry (with `Age`, 304 for matching conditionals, no body for
+//! HEAD), from an origin response streamed through, and short text errors.
+
+use std::time::SystemTime;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::ProxyBody;
+use super::headers::{CACHE_STATUS, X_CACHE};
+use crate::cache::policy::not_modified;
+use crate::cache::{CacheStatus, Entry};
+
+/// The RFC 9211 `Cache-Status` facts of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    Hit,
+    /// Answered from a fill another request led.
+    Coalesced,
+    StaleWhileRevalidate,
+    /// Origin failed (status when it answered at all) and a stale copy was served.
+    StaleIfError(Option<StatusCode>),
+    /// A stored response was validated by a 304; `forced` when the request demanded it (no-cache).
+    Revalidated {
+        forced: bool,
+    },
+    Miss {
+        stored: bool,
+        fwd: Fwd,
+    },
+    Bypass,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    UriMiss,
+    VaryMiss,
+    Stale,
+    Request,
+}
+
+impl Fwd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fwd::UriMiss => "uri-miss",
+            Fwd::VaryMiss => "vary-miss",
+            Fwd::Stale => "stale",
+            Fwd::Request => "request",
+        }
+    }
+}
+
+impl Detail {
+    pub fn cache_status(self) -> CacheStatus {
+        match self {
+            Detail::Hit | Detail::Coalesced => CacheStatus::HitL1,
+            Detail::StaleWhileRevalidate | Detail::StaleIfError(_) => CacheStatus::Stale,
+            Detail::Revalidated { .. } => CacheStatus::Revalidated,
+            Detail::Miss { .. } => CacheStatus::Miss,
+            Detail::Bypass => CacheStatus::Bypass,
+        }
+    }
+
+    fn header_value(self, ttl: Option<i64>) -> HeaderValue {
+        let text = match self {
+            Detail::Hit => return HeaderValue::from_static("strata; hit"),
+            Detail::Bypass => return HeaderValue::from_static("strata; fwd=bypass"),
+            Detail::Coalesced => return HeaderValue::from_static("strata; hit; detail=coalesced"),
+            Detail::StaleWhileRevalidate => format!(
+                "strata; hit; ttl={}; detail=stale-while-revalidate",
+                ttl.unwrap_or(0)
+            ),
+            Detail::StaleIfError(Some(status)) => format!(
+                "strata; fwd=stale; fwd-status={}; ttl={}; detail=stale-if-error",
+                status.as_u16(),
+                ttl.unwrap_or(0)
+            ),
+            Detail::StaleIfError(None) => format!(
+                "strata; fwd=stale; ttl={}; detail=stale-if-error",
+                ttl.unwrap_or(0)
+            ),
+            Detail::Revalidated { forced: false } => {
+                return HeaderValue::from_static("strata; fwd=stale; fwd-status=304")
+            }
+            Detail::Revalidated { forced: true } => {
+                return HeaderValue::from_static("strata; fwd=request; fwd-status=304")
+            }
+            Detail::Miss { stored, fwd } => {
+                format!(
+                    "strata; fwd={}{}",
+                    fwd.as_str(),
+                    if stored { "; stored" } else { "" }
+                )
+            }
+        };
+        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("strata"))
+    }
+}
+
+/// Adds `X-Cache` and `Cache-Status` to any answer.
+pub fn mark(headers: &mut HeaderMap, detail: Detail, ttl: Option<i64>) {
+    headers.insert(
+        X_CACHE,
+        HeaderValue::from_static(detail.cache_status().as_str()),
+    );
+    headers.insert(CACHE_STATUS, detail.header_value(ttl));
+}
+
+/// Fields a 304 carries (RFC 9110 §15.4.5).
+const NOT_MODIFIED_FIELDS: [header::HeaderName; 7] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+    header::LAST_MODIFIED,
+];
+
+/// An answer from a stored entry: 304 when the client's conditionals match, no body for HEAD.
+pub fn from_entry(
+    entry: &Entry,
+    request: &HeaderMap,
+    head: bool,
+    now: SystemTime,
+    detail: Detail,
+) -> Response<ProxyBody> {
+    let conditional = request.contains_key(header::IF_NONE_MATCH)
+        || request.contains_key(header::IF_MODIFIED_SINCE);
+    let (status, mut headers, body) = if conditional
+        && entry.status == StatusCode::OK
+        && not_modified(request, entry.etag.as_ref(), entry.last_modified)
+    {
+        let mut headers = HeaderMap::with_capacity(NOT_MODIFIED_FIELDS.len() + 4);
+        for name in NOT_MODIFIED_FIELDS {
+            for value in entry.headers.get_all(&name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        (StatusCode::NOT_MODIFIED, headers, ProxyBody::empty())
+    } else {
+        let body = if head {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(entry.body.clone())
+        };
+        (entry.status, entry.headers.clone(), body)
+    };
+    headers.insert(header::AGE, HeaderValue::from(entry.age(now)));
+    headers.append(header::VIA, HeaderValue::from_static("1.1 strata"));
+    let ttl = match detail {
+        Detail::StaleWhileRevalidate | Detail::StaleIfError(_) => Some(entry.ttl_secs(now)),
+        _ => None,
+    };
+    mark(&mut headers, detail, ttl);
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// A short plain-text answer (errors and refusals).
+pub fn text(status: StatusCode, message: &'static str, detail: Detail) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::from(message));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    mark(headers, detail, None);
+    response
+}
