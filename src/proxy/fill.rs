@@ -252,7 +252,7 @@ impl Fill {
         let inner = &self.proxy.0;
         let idle = inner.origin.timeout();
         let max = inner.config.max_object_bytes;
-        let mut client = Some(tx);
+        let mut client = ClientFeed::new(tx);
         let mut storing = Some(permit);
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut size: u64 = 0;
@@ -262,16 +262,14 @@ impl Fill {
                 Ok(Some(Ok(frame))) => frame,
                 Ok(Some(Err(error))) => {
                     tracing::warn!(%error, "origin body failed; not stored");
-                    if let Some(tx) = client {
-                        let _ = tx.send(Err(error.into())).await;
-                    }
+                    drop(storing);
+                    client.fail(error.into()).await;
                     return;
                 }
                 Err(_) => {
                     tracing::warn!(?idle, "origin body stalled; not stored");
-                    if let Some(tx) = client {
-                        let _ = tx.send(Err(IdleTimeout(idle).into())).await;
-                    }
+                    drop(storing);
+                    client.fail(IdleTimeout(idle).into()).await;
                     return;
                 }
             };
@@ -290,38 +288,108 @@ impl Fill {
                     chunks.push(data.clone());
                 }
             }
-            if let Some(tx) = &client {
-                if tx.send(Ok(data)).await.is_err() {
-                    client = None;
+            if storing.is_some() {
+                // The body is being kept anyway: a slow client must not slow the followers down.
+                client.push(data);
+            } else {
+                client.send(data).await;
+                if client.is_gone() {
+                    return;
                 }
             }
-            if client.is_none() && storing.is_none() {
-                return;
+        }
+        if let Some(permit) = storing {
+            let body = concat(chunks, size);
+            let entry = Arc::new(Entry::new(
+                self.status,
+                self.headers,
+                body,
+                self.response_time,
+                self.admission,
+            ));
+            if permit.is_invalidated() {
+                permit.release();
+            } else {
+                inner
+                    .cache
+                    .store(&self.key, entry.clone(), &self.request_headers);
+                if entry.is_fresh(inner.clock.now()) {
+                    permit.complete(entry);
+                } else {
+                    // Stored only for revalidation (no freshness): concurrent requests must ask the origin.
+                    permit.release();
+                }
             }
         }
-        let Some(permit) = storing else {
-            return;
-        };
-        let body = concat(chunks, size);
-        let entry = Arc::new(Entry::new(
-            self.status,
-            self.headers,
-            body,
-            self.response_time,
-            self.admission,
-        ));
-        if permit.is_invalidated() {
-            permit.release();
+        client.finish().await;
+    }
+}
+
+/// The leader's client, fed without blocking the fill while the body is being stored (its backlog
+/// shares the stored chunks, so it costs no extra memory), with backpressure otherwise.
+struct ClientFeed {
+    tx: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
+    backlog: std::collections::VecDeque<Bytes>,
+}
+
+impl ClientFeed {
+    fn new(tx: mpsc::Sender<Result<Bytes, BoxError>>) -> Self {
+        ClientFeed {
+            tx: Some(tx),
+            backlog: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn is_gone(&self) -> bool {
+        self.tx.is_none()
+    }
+
+    /// Queues a chunk and hands over whatever the channel takes now.
+    fn push(&mut self, data: Bytes) {
+        if self.tx.is_none() {
             return;
         }
-        inner
-            .cache
-            .store(&self.key, entry.clone(), &self.request_headers);
-        if entry.is_fresh(inner.clock.now()) {
-            permit.complete(entry);
-        } else {
-            // Stored only for revalidation (no freshness): concurrent requests must ask the origin.
-            permit.release();
+        self.backlog.push_back(data);
+        while let (Some(tx), Some(chunk)) = (&self.tx, self.backlog.pop_front()) {
+            match tx.try_send(Ok(chunk)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(Ok(chunk))) => {
+                    self.backlog.push_front(chunk);
+                    break;
+                }
+                Err(_) => {
+                    self.tx = None;
+                    self.backlog.clear();
+                }
+            }
+        }
+    }
+
+    /// Sends a chunk after the backlog, waiting for the client.
+    async fn send(&mut self, data: Bytes) {
+        self.backlog.push_back(data);
+        self.flush().await;
+    }
+
+    async fn flush(&mut self) {
+        while let (Some(tx), Some(chunk)) = (&self.tx, self.backlog.pop_front()) {
+            if tx.send(Ok(chunk)).await.is_err() {
+                self.tx = None;
+                self.backlog.clear();
+            }
+        }
+    }
+
+    /// Delivers the rest, then ends the body.
+    async fn finish(mut self) {
+        self.flush().await;
+    }
+
+    /// Delivers what arrived, then aborts the body so the client never sees a complete-looking one.
+    async fn fail(mut self, error: BoxError) {
+        self.flush().await;
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Err(error)).await;
         }
     }
 }

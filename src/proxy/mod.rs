@@ -122,7 +122,8 @@ impl Proxy {
             path = %uri.path(),
             status = response.status().as_u16(),
             x_cache,
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            // Time to the response headers (the body may still be streaming), in ms to the microsecond.
+            duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
         );
         response
     }
@@ -151,6 +152,12 @@ impl Proxy {
                 let (parts, _ignored_body) = request.into_parts();
                 self.cached(parts, target).await
             }
+            // A reverse proxy is no tunnel: CONNECT would let clients reach arbitrary hosts.
+            Method::CONNECT => respond::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 Method Not Allowed: CONNECT\n",
+                Detail::Bypass,
+            ),
             _ => self.pass_unsafe(request, target).await,
         }
     }

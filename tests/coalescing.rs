@@ -1,0 +1,194 @@
+//! Miss coalescing: one origin request per key, waiters released on uncacheable answers and errors,
+//! and CACHE_LOCK_TIMEOUT bounding how long a follower waits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Runs `n` concurrent GETs of `url`; returns each response with the time it took.
+async fn concurrent_gets(url: &str, n: usize) -> Vec<(Resp, Duration)> {
+    let url: Arc<str> = url.into();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let resp = get(&url, &[]).await;
+                (resp, started.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(
+            within("concurrent GET", Duration::from_secs(20), t)
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_misses_make_one_origin_request() {
+    let body = pattern(10 * 1024);
+    let expected = body.clone();
+    let origin = MockOrigin::start(move |_| {
+        Reply::ok(body.clone())
+            .cc("max-age=60")
+            .delay(Duration::from_millis(500))
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let results = concurrent_gets(&proxy.url("/hot"), 50).await;
+    assert_eq!(
+        origin.hits("/hot"),
+        1,
+        "coalescing should send exactly one origin request"
+    );
+    let mut misses = 0;
+    let mut coalesced = 0;
+    for (resp, _) in &results {
+        assert_eq!(resp.status, 200);
+        assert!(resp.body == expected, "a client got a different body");
+        match resp.x_cache() {
+            "MISS" => misses += 1,
+            "HIT-L1" => {
+                if resp.cache_status().contains("coalesced") {
+                    coalesced += 1;
+                }
+            }
+            other => panic!("unexpected X-Cache {other:?}"),
+        }
+    }
+    assert_eq!(misses, 1, "exactly one request is the leader");
+    assert!(
+        coalesced >= 1,
+        "followers should be marked detail=coalesced"
+    );
+    assert!(proxy.stats().coalesced >= 1, "{:?}", proxy.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncacheable_answer_releases_all_waiters_at_once() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("not for the cache")
+            .cc("no-store")
+            .delay(Duration::from_millis(300))
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_LOCK_TIMEOUT", "5s")]).await;
+
+    let started = Instant::now();
+    let results = concurrent_gets(&proxy.url("/private-ish"), 10).await;
+    let elapsed = started.elapsed();
+    for (resp, took) in &results {
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), "not for the cache");
+        assert!(
+            *took < Duration::from_secs(2),
+            "a waiter took {took:?}: waiters were serialised or waited for the lock timeout"
+        );
+    }
+    // Ten one-at-a-time origin requests would take >= 3 s.
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "all requests took {elapsed:?}"
+    );
+    let hits = origin.hits("/private-ish");
+    assert!((1..=10).contains(&hits), "origin hits {hits}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failure_does_not_strand_followers() {
+    let origin = MockOrigin::start(|r| {
+        if r.hit == 1 {
+            Reply::fail().delay(Duration::from_millis(300))
+        } else {
+            Reply::ok("recovered")
+                .cc("max-age=60")
+                .delay(Duration::from_millis(100))
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_LOCK_TIMEOUT", "5s")]).await;
+
+    let results = concurrent_gets(&proxy.url("/flaky"), 10).await;
+    for (resp, took) in &results {
+        assert!(
+            resp.status == 200 || resp.status == 502,
+            "status {}",
+            resp.status
+        );
+        if resp.status == 200 {
+            assert_eq!(resp.text(), "recovered");
+        }
+        assert!(
+            *took < Duration::from_secs(3),
+            "a follower took {took:?} after the leader failed (lock timeout is 5 s)"
+        );
+    }
+    assert!(origin.hits("/flaky") >= 1);
+    // Whatever happened to the failed fill, the key is usable afterwards.
+    let resp = get(&proxy.url("/flaky"), &[]).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_go_to_the_origin_after_cache_lock_timeout() {
+    let origin = MockOrigin::start(|r| {
+        let reply = Reply::ok(format!("answer-{}", r.hit)).cc("max-age=60");
+        if r.hit == 1 {
+            reply.delay(Duration::from_secs(3))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_LOCK_TIMEOUT", "300ms")]).await;
+    let url = proxy.url("/slow-fill");
+
+    let leader = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            (get(&url, &[]).await, started.elapsed())
+        })
+    };
+    origin.wait_hits("/slow-fill", 1).await;
+
+    let followers = concurrent_gets(&url, 3).await;
+    for (resp, took) in &followers {
+        assert_eq!(resp.status, 200);
+        assert_ne!(
+            resp.text(),
+            "answer-1",
+            "a follower waited for the slow leader"
+        );
+        assert!(
+            *took >= Duration::from_millis(250),
+            "follower took {took:?}: it did not wait for the lock"
+        );
+        assert!(
+            *took < Duration::from_millis(2000),
+            "follower took {took:?}: CACHE_LOCK_TIMEOUT=300ms not honoured"
+        );
+    }
+    assert!(
+        origin.hits("/slow-fill") >= 2,
+        "followers must fetch themselves"
+    );
+
+    let (resp, took) = within("leader", Duration::from_secs(10), leader)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "answer-1");
+    assert!(took >= Duration::from_secs(3));
+}

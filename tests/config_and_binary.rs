@@ -1,0 +1,232 @@
+//! Configuration: Config::from_vars parsing, and the real binary's exit codes, /health and SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use strata::config::Config;
+use support::{free_addr, refused_url};
+
+/// Kills the child if a test fails before it exits.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn strata(vars: &[(&str, &str)], stderr: Stdio) -> Running {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    Running(cmd.spawn().expect("spawn strata"))
+}
+
+fn wait_exit(child: &mut Running, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strata did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the binary with `vars` (plus free listen/admin ports), expects exit status 2 and returns
+/// its stderr.
+fn expect_exit_2(vars: &[(&str, &str)]) -> String {
+    let listen = free_addr().to_string();
+    let admin = free_addr().to_string();
+    let mut all: Vec<(&str, &str)> = vec![("LISTEN_ADDR", &listen), ("ADMIN_ADDR", &admin)];
+    all.extend_from_slice(vars);
+    let mut child = strata(&all, Stdio::piped());
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "exit status {status:?}, stderr: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn non_numeric_cache_size_exits_2_naming_it() {
+    let origin = refused_url();
+    let stderr = expect_exit_2(&[("ORIGIN_URL", &origin), ("CACHE_SIZE_MB", "abc")]);
+    assert!(stderr.contains("CACHE_SIZE_MB"), "stderr: {stderr}");
+}
+
+#[test]
+fn non_http_origin_exits_2_naming_it() {
+    let stderr = expect_exit_2(&[("ORIGIN_URL", "ftp://x")]);
+    assert!(stderr.contains("ORIGIN_URL"), "stderr: {stderr}");
+}
+
+#[test]
+fn missing_origin_exits_2_naming_it() {
+    let stderr = expect_exit_2(&[]);
+    assert!(stderr.contains("ORIGIN_URL"), "stderr: {stderr}");
+}
+
+#[test]
+fn bad_duration_exits_2_naming_it() {
+    let origin = refused_url();
+    let stderr = expect_exit_2(&[("ORIGIN_URL", &origin), ("ORIGIN_TIMEOUT", "soon")]);
+    assert!(stderr.contains("ORIGIN_TIMEOUT"), "stderr: {stderr}");
+}
+
+/// One HTTP/1.1 GET over a plain socket; None while nothing listens yet.
+fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+#[test]
+fn binary_serves_health_and_exits_0_on_sigterm() {
+    let listen = free_addr();
+    let admin = free_addr();
+    let origin = refused_url();
+    let (listen_s, admin_s) = (listen.to_string(), admin.to_string());
+    let mut child = strata(
+        &[
+            ("ORIGIN_URL", &origin),
+            ("LISTEN_ADDR", &listen_s),
+            ("ADMIN_ADDR", &admin_s),
+            ("SHUTDOWN_TIMEOUT", "5s"),
+        ],
+        Stdio::null(),
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (status, body) = loop {
+        if let Some(answer) = try_get(admin, "/health") {
+            break answer;
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "strata exited before serving /health"
+        );
+        assert!(Instant::now() < deadline, "/health never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 200);
+    // The body may be chunked on the wire; the JSON object must be there verbatim.
+    assert!(body.contains(r#"{"status":"ok"}"#), "body: {body:?}");
+
+    // The traffic listener is up too (the origin is down, so a 502).
+    let (status, _) = try_get(listen, "/anything").expect("traffic listener answers");
+    assert_eq!(status, 502);
+
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status:?}"
+    );
+}
+
+#[test]
+fn durations_parse_in_operator_units() {
+    let config = Config::from_vars([
+        ("ORIGIN_URL", "http://127.0.0.1:1"),
+        ("ORIGIN_TIMEOUT", "250ms"),
+        ("CACHE_GRACE", "30s"),
+        ("CACHE_STALE_IF_ERROR", "5m"),
+        ("SHUTDOWN_TIMEOUT", "1h"),
+        ("CACHE_LOCK_TIMEOUT", "1s"),
+        ("CACHE_MAX_AGE", "2m"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.origin_timeout, Duration::from_millis(250));
+    assert_eq!(config.grace, Duration::from_secs(30));
+    assert_eq!(config.stale_if_error, Duration::from_secs(300));
+    assert_eq!(config.shutdown_timeout, Duration::from_secs(3600));
+    assert_eq!(config.lock_timeout, Duration::from_secs(1));
+    assert_eq!(config.fallback_max_age, Some(Duration::from_secs(120)));
+}
+
+#[test]
+fn from_vars_errors_name_the_variable() {
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (
+            &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
+            "CACHE_SIZE_MB",
+        ),
+        (&[("ORIGIN_URL", "ftp://x")], "ORIGIN_URL"),
+        (&[], "ORIGIN_URL"),
+        (
+            &[("ORIGIN_URL", "http://o"), ("ORIGIN_TIMEOUT", "soon")],
+            "ORIGIN_TIMEOUT",
+        ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("CACHE_GRACE", "forever")],
+            "CACHE_GRACE",
+        ),
+    ];
+    for (vars, name) in cases {
+        match Config::from_vars(vars.iter().copied()) {
+            Ok(_) => panic!("{vars:?} accepted"),
+            Err(e) => assert!(e.to_string().contains(name), "{vars:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn from_vars_defaults_and_sizes() {
+    let config = Config::from_vars([("ORIGIN_URL", "https://example.com/prefix")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.cache_size_bytes, 256 * 1024 * 1024);
+    assert_eq!(config.max_object_bytes, 8 * 1024 * 1024);
+    assert_eq!(config.lock_timeout, Duration::from_secs(5));
+    assert_eq!(config.origin_timeout, Duration::from_secs(30));
+    assert_eq!(config.grace, Duration::ZERO);
+    assert_eq!(config.stale_if_error, Duration::ZERO);
+    assert_eq!(config.fallback_max_age, None);
+
+    let config = Config::from_vars([("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "0")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.cache_size_bytes, 0);
+}

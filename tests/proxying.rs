@@ -1,0 +1,377 @@
+//! Proxying: header rules both ways, request bodies, h2c, WebSocket upgrades and origin/client errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("hello")
+            .cc("no-store")
+            .header("connection", "X-Origin-Hop")
+            .header("x-origin-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("upgrade", "foo/1")
+            .header("trailer", "X-Trailing")
+            .header("x-end-to-end", "kept")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let resp = get(
+        &proxy.url("/hop"),
+        &[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "X-Client-Trailing"),
+            ("x-client-end-to-end", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "hello");
+
+    // Request side: what the origin received.
+    let seen = origin.last_headers("/hop").expect("origin saw /hop");
+    for name in [
+        "x-secret-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+    ] {
+        assert!(
+            !seen.contains_key(name),
+            "origin received hop-by-hop {name}: {seen:?}"
+        );
+    }
+    if let Some(conn) = origin.last_header("/hop", "connection") {
+        assert!(
+            !conn.to_ascii_lowercase().contains("x-secret-hop"),
+            "origin received Connection: {conn}"
+        );
+    }
+    assert_eq!(
+        origin.last_header("/hop", "x-client-end-to-end").as_deref(),
+        Some("kept")
+    );
+
+    // Response side: what the client received.
+    for name in [
+        "x-origin-hop",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+    ] {
+        assert!(
+            resp.header(name).is_none(),
+            "client received hop-by-hop {name}: {:?}",
+            resp.headers
+        );
+    }
+    for conn in resp.all("connection") {
+        assert!(
+            !conn.to_ascii_lowercase().contains("x-origin-hop"),
+            "client received Connection: {conn}"
+        );
+    }
+    assert_eq!(resp.header("x-end-to-end"), Some("kept"));
+}
+
+#[tokio::test]
+async fn via_forwarded_and_host_headers() {
+    let origin = MockOrigin::start(|_| Reply::ok("fwd").cc("no-store")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let resp = get(
+        &proxy.url("/fwd"),
+        &[("host", "example.test"), ("x-forwarded-for", "10.0.0.1")],
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let via = resp.all("via").join(", ");
+    assert!(via.contains("strata"), "response Via: {via:?}");
+
+    assert_eq!(
+        origin.last_header("/fwd", "host").as_deref(),
+        Some("example.test")
+    );
+    let via = origin.last_header("/fwd", "via").unwrap_or_default();
+    assert!(via.contains("strata"), "request Via: {via:?}");
+    let xff = origin
+        .last_header("/fwd", "x-forwarded-for")
+        .unwrap_or_default();
+    let hops: Vec<&str> = xff.split(',').map(str::trim).collect();
+    assert_eq!(hops, ["10.0.0.1", "127.0.0.1"], "X-Forwarded-For: {xff:?}");
+    assert_eq!(
+        origin.last_header("/fwd", "x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+    assert_eq!(
+        origin.last_header("/fwd", "x-forwarded-host").as_deref(),
+        Some("example.test")
+    );
+
+    // Without a client X-Forwarded-For the proxy starts one; present X-Forwarded-* are kept.
+    get(
+        &proxy.url("/fwd2"),
+        &[
+            ("host", "second.test"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "public.example"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        origin.last_header("/fwd2", "x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        origin.last_header("/fwd2", "x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    assert_eq!(
+        origin.last_header("/fwd2", "x-forwarded-host").as_deref(),
+        Some("public.example")
+    );
+    assert_eq!(
+        origin.last_header("/fwd2", "host").as_deref(),
+        Some("second.test")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_is_streamed_to_origin() {
+    let origin = MockOrigin::start(|_| Reply::echo()).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let first = Bytes::from(vec![b'a'; 32 * 1024]);
+    let second = Bytes::from(vec![b'b'; 100 * 1024]);
+    let (tx, body) = chan_body();
+    let url = proxy.url("/echo");
+    let call = tokio::spawn(async move { request_body("POST", &url, &[], body).await });
+
+    tx.send(first.clone()).await.unwrap();
+    // The origin must see the first chunk while the client still holds the rest back.
+    wait_until("origin to receive the first request-body chunk", || {
+        origin.req_body_bytes() >= first.len()
+    })
+    .await;
+    assert_eq!(origin.hits("/echo"), 1);
+    tx.send(second.clone()).await.unwrap();
+    drop(tx);
+
+    let resp = within("POST /echo", Duration::from_secs(10), call)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.x_cache(), "BYPASS");
+    let mut expected = first.to_vec();
+    expected.extend_from_slice(&second);
+    assert_eq!(resp.body.len(), expected.len());
+    assert!(resp.body == expected, "echoed body differs");
+    assert!(origin.last_body("/echo").unwrap() == expected);
+}
+
+#[tokio::test]
+async fn fixed_length_post_body_reaches_origin() {
+    let origin = MockOrigin::start(|_| Reply::echo()).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let body = pattern(300 * 1024);
+    let resp = request("PUT", &proxy.url("/put"), &[], body.clone()).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.x_cache(), "BYPASS");
+    assert!(resp.body == body);
+    let seen = origin.last_headers("/put").unwrap();
+    assert_eq!(seen.get("content-length").unwrap(), "307200");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_client_works() {
+    let origin = MockOrigin::start(|_| Reply::ok("over h2").cc("max-age=60")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let resp = h2_get(proxy.addr, "/h2", &[]).await;
+    assert_eq!(resp.version, http::Version::HTTP_2);
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "over h2");
+    assert_eq!(resp.x_cache(), "MISS");
+
+    let resp = h2_get(proxy.addr, "/h2", &[]).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "over h2");
+    assert_eq!(resp.x_cache(), "HIT-L1");
+    assert_eq!(origin.hits("/h2"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_through() {
+    let origin = MockOrigin::start(|_| Reply::upgrade_echo()).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    within("websocket exchange", Duration::from_secs(10), async {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.unwrap();
+            assert!(n > 0, "connection closed in response head: {head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "response head: {head}");
+        assert!(head.contains("upgrade: websocket"), "response head: {head}");
+        assert!(head.contains("x-cache: bypass"), "response head: {head}");
+
+        for msg in [&b"hello-ws"[..], &b"second message"[..]] {
+            stream.write_all(msg).await.unwrap();
+            let mut echoed = vec![0u8; msg.len()];
+            stream.read_exact(&mut echoed).await.unwrap();
+            assert_eq!(echoed, msg);
+        }
+    })
+    .await;
+
+    let upgrade = origin.last_header("/ws", "upgrade").unwrap_or_default();
+    assert!(
+        upgrade.eq_ignore_ascii_case("websocket"),
+        "origin Upgrade: {upgrade:?}"
+    );
+    let conn = origin.last_header("/ws", "connection").unwrap_or_default();
+    assert!(
+        conn.to_ascii_lowercase().contains("upgrade"),
+        "origin Connection: {conn:?}"
+    );
+}
+
+#[tokio::test]
+async fn refused_origin_is_502() {
+    let proxy = TestProxy::start(&refused_url(), &[]).await;
+    let resp = get(&proxy.url("/down"), &[]).await;
+    assert_eq!(resp.status, 502);
+    assert!(!resp.body.is_empty(), "502 should carry a text body");
+}
+
+#[tokio::test]
+async fn slow_origin_is_504_after_origin_timeout() {
+    let origin = MockOrigin::start(|_| Reply::ok("late").delay(Duration::from_secs(2))).await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_TIMEOUT", "200ms")]).await;
+    let started = Instant::now();
+    let resp = get(&proxy.url("/slow"), &[]).await;
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status, 504);
+    assert!(!resp.body.is_empty(), "504 should carry a text body");
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "504 took {elapsed:?}, ORIGIN_TIMEOUT is 200ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_timeout_bounds_body_gaps_not_the_whole_body() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        // Five gaps of 100 ms: one second in all, each gap well under ORIGIN_TIMEOUT.
+        "/trickle" => Reply::chunks(
+            (0..6).map(|i| Bytes::from(format!("part{i};"))).collect(),
+            Duration::from_millis(100),
+        )
+        .cc("max-age=60"),
+        // A gap of 1.5 s in the middle of the body.
+        _ if r.hit == 1 => Reply::chunks(
+            vec![Bytes::from("head;"), Bytes::from("tail")],
+            Duration::from_millis(1500),
+        )
+        .cc("max-age=60"),
+        _ => Reply::ok("whole").cc("max-age=60"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_TIMEOUT", "400ms")]).await;
+
+    let r = get(&proxy.url("/trickle"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "part0;part1;part2;part3;part4;part5;");
+    let r = get(&proxy.url("/trickle"), &[]).await;
+    assert_eq!(r.x_cache(), "HIT-L1");
+    assert_eq!(r.text(), "part0;part1;part2;part3;part4;part5;");
+
+    // The stalled body is cut off (the client sees an error or a short body) and not stored.
+    let started = Instant::now();
+    let resp = request_streaming("GET", &proxy.url("/stall"), &[], empty()).await;
+    assert_eq!(resp.status(), 200);
+    let outcome = within(
+        "stalled body to be cut off",
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await;
+    if let Ok(body) = outcome {
+        assert_ne!(
+            &body.to_bytes()[..],
+            b"head;tail",
+            "the body survived a gap longer than ORIGIN_TIMEOUT"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "cut-off took {:?}",
+        started.elapsed()
+    );
+    let r = get(&proxy.url("/stall"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "whole", "a cut-off body must not be stored");
+    assert_eq!(origin.hits("/stall"), 2);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    let origin = MockOrigin::start(|_| Reply::ok("fine").cc("no-store")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    for raw in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n"[..],
+        &b"NOT A REQUEST LINE\r\n\r\n"[..],
+    ] {
+        let (out, closed) = raw_exchange(proxy.addr, raw).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("HTTP/1.1 400"),
+            "answer to {:?}: {text:?}",
+            String::from_utf8_lossy(raw)
+        );
+        assert!(closed, "connection left open after a malformed request");
+    }
+
+    // Binary garbage: a 400 or a closed connection, never a hang.
+    let garbage = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\xff\xfe garbage \r\n\r\n";
+    let (out, closed) = raw_exchange(proxy.addr, garbage).await;
+    assert!(closed, "connection left open after garbage");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        out.is_empty() || text.starts_with("HTTP/1.1 4"),
+        "answer to garbage: {text:?}"
+    );
+
+    assert_eq!(origin.total(), 0, "malformed requests reached the origin");
+    let resp = get(&proxy.url("/after"), &[]).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "fine");
+}

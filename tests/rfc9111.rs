@@ -1,0 +1,617 @@
+//! RFC 9111 caching rules: what is stored, freshness, Age, Vary, request directives, validation and
+//! invalidation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use support::*;
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[tokio::test]
+async fn miss_then_hit_l1() {
+    let origin = MockOrigin::fixed("cached body", "max-age=60").await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let first = get(&proxy.url("/a"), &[]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "cached body");
+    assert_eq!(first.x_cache(), "MISS");
+    let cs = first.cache_status();
+    assert!(cs.starts_with("strata; "), "Cache-Status: {cs:?}");
+    assert!(cs.contains("fwd=uri-miss"), "Cache-Status: {cs:?}");
+    assert!(cs.contains("stored"), "Cache-Status: {cs:?}");
+
+    let second = get(&proxy.url("/a"), &[]).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.text(), "cached body");
+    assert_eq!(second.x_cache(), "HIT-L1");
+    let cs = second.cache_status();
+    assert!(cs.starts_with("strata; "), "Cache-Status: {cs:?}");
+    assert!(cs.contains("hit"), "Cache-Status: {cs:?}");
+    assert!(second.age() <= 1, "Age {}", second.age());
+    assert_eq!(origin.hits("/a"), 1);
+
+    // The query string is part of the key.
+    let third = get(&proxy.url("/a?x=1"), &[]).await;
+    assert_eq!(third.x_cache(), "MISS");
+    assert_eq!(origin.hits("/a"), 2);
+
+    let stats = proxy.stats();
+    assert!(stats.l1_hits >= 1, "{stats:?}");
+    assert!(stats.hits >= 1, "{stats:?}");
+    assert!(stats.misses >= 2, "{stats:?}");
+    assert!(stats.l1_entries >= 2, "{stats:?}");
+}
+
+async fn assert_not_stored(
+    proxy: &TestProxy,
+    origin: &MockOrigin,
+    path: &str,
+    headers: &[(&str, &str)],
+) {
+    let before = origin.hits(path);
+    for i in 1..=2 {
+        let resp = get(&proxy.url(path), headers).await;
+        assert_eq!(resp.status, 200, "{path}");
+        assert_eq!(resp.x_cache(), "MISS", "{path} request {i}");
+        assert!(
+            !resp.cache_status().contains("stored"),
+            "{path}: Cache-Status {:?}",
+            resp.cache_status()
+        );
+    }
+    assert_eq!(
+        origin.hits(path),
+        before + 2,
+        "{path} should reach the origin twice"
+    );
+}
+
+async fn assert_stored(
+    proxy: &TestProxy,
+    origin: &MockOrigin,
+    path: &str,
+    headers: &[(&str, &str)],
+) {
+    let before = origin.hits(path);
+    let first = get(&proxy.url(path), headers).await;
+    assert_eq!(first.status, 200, "{path}");
+    assert_eq!(first.x_cache(), "MISS", "{path}");
+    let second = get(&proxy.url(path), headers).await;
+    assert_eq!(second.status, 200, "{path}");
+    assert_eq!(second.x_cache(), "HIT-L1", "{path}");
+    assert_eq!(second.body, first.body, "{path}");
+    assert_eq!(
+        origin.hits(path),
+        before + 1,
+        "{path} should reach the origin once"
+    );
+}
+
+#[tokio::test]
+async fn no_store_private_and_set_cookie_are_not_stored() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/no-store" => Reply::ok("x").cc("max-age=60, no-store"),
+        "/private" => Reply::ok("x").cc("private, max-age=60"),
+        "/cookie" => Reply::ok("x").cc("max-age=60").header("set-cookie", "id=1"),
+        "/cookie-public" => Reply::ok("x")
+            .cc("public, max-age=60")
+            .header("set-cookie", "id=1"),
+        _ => Reply::status(404, "no"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    assert_not_stored(&proxy, &origin, "/no-store", &[]).await;
+    assert_not_stored(&proxy, &origin, "/private", &[]).await;
+    assert_not_stored(&proxy, &origin, "/cookie", &[]).await;
+    assert_stored(&proxy, &origin, "/cookie-public", &[]).await;
+}
+
+#[tokio::test]
+async fn authorization_requires_public_or_s_maxage() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/auth" => Reply::ok("secret").cc("max-age=60"),
+        "/auth-public" => Reply::ok("shared").cc("public, max-age=60"),
+        "/auth-smaxage" => Reply::ok("shared").cc("s-maxage=60"),
+        _ => Reply::status(404, "no"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let auth = [("authorization", "Bearer token")];
+    assert_not_stored(&proxy, &origin, "/auth", &auth).await;
+    assert_stored(&proxy, &origin, "/auth-public", &auth).await;
+    assert_stored(&proxy, &origin, "/auth-smaxage", &auth).await;
+}
+
+#[tokio::test]
+async fn no_freshness_and_no_validator_is_not_stored() {
+    let origin = MockOrigin::start(|_| Reply::ok("plain")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    assert_not_stored(&proxy, &origin, "/plain", &[]).await;
+}
+
+#[tokio::test]
+async fn cache_max_age_gives_a_fallback_lifetime() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/no-store" => Reply::ok("x").cc("no-store"),
+        _ => Reply::ok("plain"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_MAX_AGE", "60s")]).await;
+    assert_stored(&proxy, &origin, "/plain", &[]).await;
+    proxy.advance(secs(30));
+    assert_eq!(get(&proxy.url("/plain"), &[]).await.x_cache(), "HIT-L1");
+    proxy.advance(secs(40));
+    assert_eq!(get(&proxy.url("/plain"), &[]).await.x_cache(), "MISS");
+    assert_eq!(origin.hits("/plain"), 2);
+    // The fallback never overrides an explicit no-store.
+    assert_not_stored(&proxy, &origin, "/no-store", &[]).await;
+}
+
+#[tokio::test]
+async fn s_maxage_beats_max_age_beats_expires() {
+    let origin = MockOrigin::start(|r| {
+        let now = SystemTime::now();
+        let date = http_date(now);
+        match r.path.as_str() {
+            "/smaxage" => Reply::ok("s").cc("max-age=10, s-maxage=100"),
+            "/maxage" => Reply::ok("m")
+                .cc("max-age=100")
+                .header("date", &date)
+                .header("expires", &http_date(now + secs(10))),
+            "/expires" => Reply::ok("e")
+                .header("date", &date)
+                .header("expires", &http_date(now + secs(100))),
+            _ => Reply::status(404, "no"),
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    for path in ["/smaxage", "/maxage", "/expires"] {
+        assert_eq!(get(&proxy.url(path), &[]).await.x_cache(), "MISS", "{path}");
+    }
+    proxy.advance(secs(50));
+    for path in ["/smaxage", "/maxage", "/expires"] {
+        let resp = get(&proxy.url(path), &[]).await;
+        assert_eq!(resp.x_cache(), "HIT-L1", "{path} at age 50 should be fresh");
+        assert_eq!(origin.hits(path), 1, "{path}");
+    }
+    proxy.advance(secs(60));
+    for path in ["/smaxage", "/maxage", "/expires"] {
+        let resp = get(&proxy.url(path), &[]).await;
+        assert_eq!(resp.x_cache(), "MISS", "{path} at age 110 should be stale");
+        assert_eq!(origin.hits(path), 2, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn age_header_grows_with_the_clock() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/age-in" => Reply::ok("aged").cc("max-age=100").header("age", "10"),
+        _ => Reply::ok("young").cc("max-age=100"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    assert_eq!(get(&proxy.url("/age"), &[]).await.x_cache(), "MISS");
+    let hit = get(&proxy.url("/age"), &[]).await;
+    assert_eq!(hit.x_cache(), "HIT-L1");
+    assert!(hit.age() <= 1, "Age {}", hit.age());
+    proxy.advance(secs(30));
+    let hit = get(&proxy.url("/age"), &[]).await;
+    assert_eq!(hit.x_cache(), "HIT-L1");
+    assert!((30..=31).contains(&hit.age()), "Age {}", hit.age());
+    proxy.advance(secs(30));
+    let hit = get(&proxy.url("/age"), &[]).await;
+    assert!((60..=61).contains(&hit.age()), "Age {}", hit.age());
+
+    // An Age received from the origin counts toward the entry's age.
+    assert_eq!(get(&proxy.url("/age-in"), &[]).await.x_cache(), "MISS");
+    let hit = get(&proxy.url("/age-in"), &[]).await;
+    assert_eq!(hit.x_cache(), "HIT-L1");
+    assert!((10..=11).contains(&hit.age()), "Age {}", hit.age());
+    proxy.advance(secs(95));
+    let resp = get(&proxy.url("/age-in"), &[]).await;
+    assert_eq!(resp.x_cache(), "MISS", "age 105 > max-age 100");
+    assert_eq!(origin.hits("/age-in"), 2);
+}
+
+#[tokio::test]
+async fn vary_variants_are_stored_side_by_side() {
+    let origin = MockOrigin::start(|r| {
+        let ae = r.header("accept-encoding").unwrap_or("none").to_string();
+        match r.path.as_str() {
+            "/vary-star" => Reply::ok("star").cc("max-age=60").header("vary", "*"),
+            _ => Reply::ok(format!("body-{ae}"))
+                .cc("max-age=60")
+                .header("vary", "Accept-Encoding"),
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/vary");
+    let gzip = [("accept-encoding", "gzip")];
+    let identity = [("accept-encoding", "identity")];
+
+    let r = get(&url, &gzip).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "body-gzip"));
+    let r = get(&url, &identity).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "body-identity"));
+    let r = get(&url, &gzip).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT-L1", "body-gzip"));
+    let r = get(&url, &identity).await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("HIT-L1", "body-identity")
+    );
+    assert_eq!(origin.hits("/vary"), 2);
+
+    assert_not_stored(&proxy, &origin, "/vary-star", &[]).await;
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_stored_get() {
+    let origin = MockOrigin::start(|_| Reply::ok(pattern(1234)).cc("max-age=60")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let get_resp = get(&proxy.url("/head"), &[]).await;
+    assert_eq!(get_resp.x_cache(), "MISS");
+    assert_eq!(get_resp.body.len(), 1234);
+
+    let head = request("HEAD", &proxy.url("/head"), &[], "").await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.x_cache(), "HIT-L1");
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), Some("1234"));
+    assert_eq!(origin.hits("/head"), 1);
+}
+
+#[tokio::test]
+async fn request_no_cache_goes_to_the_origin() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/nc-etag" => Reply::ok("tagged")
+            .cc("max-age=60")
+            .header("etag", "\"t1\"")
+            .conditional(),
+        _ => Reply::ok(format!("plain-{}", r.hit)).cc("max-age=60"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let no_cache = [("cache-control", "no-cache")];
+
+    assert_eq!(get(&proxy.url("/nc"), &[]).await.text(), "plain-1");
+    let r = get(&proxy.url("/nc"), &no_cache).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "plain-2");
+    assert_eq!(origin.hits("/nc"), 2);
+
+    // With a validator stored, the request is revalidated.
+    assert_eq!(get(&proxy.url("/nc-etag"), &[]).await.x_cache(), "MISS");
+    let r = get(&proxy.url("/nc-etag"), &no_cache).await;
+    assert_eq!(origin.hits("/nc-etag"), 2);
+    assert_eq!(
+        origin.last_header("/nc-etag", "if-none-match").as_deref(),
+        Some("\"t1\"")
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "tagged");
+    assert_eq!(r.x_cache(), "REVALIDATED");
+    assert!(
+        r.cache_status().contains("fwd-status=304"),
+        "{:?}",
+        r.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn request_max_age_and_min_fresh() {
+    let origin = MockOrigin::start(|r| Reply::ok(format!("v{}", r.hit)).cc("max-age=100")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/rq");
+
+    assert_eq!(get(&url, &[]).await.text(), "v1");
+    proxy.advance(secs(30));
+    // Age 30, 70 s of freshness left.
+    let r = get(&url, &[("cache-control", "max-age=60")]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT-L1", "v1"));
+    let r = get(&url, &[("cache-control", "min-fresh=10")]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT-L1", "v1"));
+    assert_eq!(origin.hits("/rq"), 1);
+
+    let r = get(&url, &[("cache-control", "min-fresh=80")]).await;
+    assert_eq!(
+        r.text(),
+        "v2",
+        "min-fresh=80 with 70 s left must go to the origin"
+    );
+    assert_eq!(origin.hits("/rq"), 2);
+
+    proxy.advance(secs(30));
+    let r = get(&url, &[("cache-control", "max-age=10")]).await;
+    assert_eq!(r.text(), "v3", "max-age=10 at age 30 must go to the origin");
+    assert_eq!(origin.hits("/rq"), 3);
+}
+
+#[tokio::test]
+async fn request_max_stale() {
+    let origin = MockOrigin::start(|r| Reply::ok(format!("v{}", r.hit)).cc("max-age=10")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/stale-ok");
+
+    assert_eq!(get(&url, &[]).await.text(), "v1");
+    proxy.advance(secs(30)); // stale by 20 s
+    let r = get(&url, &[("cache-control", "max-stale=60")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "v1");
+    assert!(
+        r.x_cache() == "STALE" || r.x_cache() == "HIT-L1",
+        "X-Cache {:?}",
+        r.x_cache()
+    );
+    assert_eq!(origin.hits("/stale-ok"), 1);
+
+    let r = get(&url, &[("cache-control", "max-stale=5")]).await;
+    assert_eq!(r.text(), "v2");
+    assert_eq!(origin.hits("/stale-ok"), 2);
+}
+
+#[tokio::test]
+async fn only_if_cached() {
+    let origin = MockOrigin::fixed("here", "max-age=60").await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let oic = [("cache-control", "only-if-cached")];
+
+    let r = get(&proxy.url("/absent"), &oic).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(
+        origin.total(),
+        0,
+        "only-if-cached must not reach the origin"
+    );
+
+    get(&proxy.url("/present"), &[]).await;
+    let r = get(&proxy.url("/present"), &oic).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "HIT-L1");
+    assert_eq!(r.text(), "here");
+    assert_eq!(origin.total(), 1);
+}
+
+#[tokio::test]
+async fn stale_entry_revalidated_with_etag() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/changed" => Reply::ok(format!("content-{}", r.hit))
+            .cc("max-age=10")
+            .header("etag", &format!("\"c{}\"", r.hit))
+            .conditional(),
+        _ => Reply::ok("etag-body")
+            .cc("max-age=10")
+            .header("etag", "\"v1\"")
+            .conditional(),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/etag");
+
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+    assert_eq!(get(&proxy.url("/changed"), &[]).await.text(), "content-1");
+    proxy.advance(secs(20));
+
+    let r = get(&url, &[]).await;
+    assert_eq!(origin.hits("/etag"), 2);
+    assert_eq!(
+        origin.last_header("/etag", "if-none-match").as_deref(),
+        Some("\"v1\"")
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "etag-body");
+    assert_eq!(r.x_cache(), "REVALIDATED");
+    let cs = r.cache_status();
+    assert!(cs.starts_with("strata; "), "Cache-Status {cs:?}");
+    assert!(cs.contains("fwd-status=304"), "Cache-Status {cs:?}");
+
+    // The 304 renewed the entry's freshness.
+    let r = get(&url, &[]).await;
+    assert_eq!(r.x_cache(), "HIT-L1");
+    assert_eq!(r.text(), "etag-body");
+    assert_eq!(origin.hits("/etag"), 2);
+
+    // A stale entry answered with new content is a MISS carrying the new body, then a HIT.
+    let r = get(&proxy.url("/changed"), &[]).await;
+    assert_eq!(
+        origin.last_header("/changed", "if-none-match").as_deref(),
+        Some("\"c1\"")
+    );
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "content-2"));
+    let r = get(&proxy.url("/changed"), &[]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT-L1", "content-2"));
+}
+
+#[tokio::test]
+async fn stale_entry_revalidated_with_last_modified() {
+    let last_modified = http_date(SystemTime::now() - secs(3600));
+    let lm = last_modified.clone();
+    let origin = MockOrigin::start(move |_| {
+        Reply::ok("lm-body")
+            .cc("max-age=10")
+            .header("last-modified", &lm)
+            .conditional()
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/lm");
+
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+    proxy.advance(secs(20));
+    let r = get(&url, &[]).await;
+    assert_eq!(origin.hits("/lm"), 2);
+    assert_eq!(
+        origin.last_header("/lm", "if-modified-since"),
+        Some(last_modified)
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "lm-body");
+    assert_eq!(r.x_cache(), "REVALIDATED");
+    assert!(
+        r.cache_status().contains("fwd-status=304"),
+        "{:?}",
+        r.cache_status()
+    );
+    assert_eq!(get(&url, &[]).await.x_cache(), "HIT-L1");
+    assert_eq!(origin.hits("/lm"), 2);
+}
+
+#[tokio::test]
+async fn client_conditionals_on_a_fresh_entry_get_304() {
+    let last_modified = http_date(SystemTime::now() - secs(3600));
+    let lm = last_modified.clone();
+    let origin = MockOrigin::start(move |_| {
+        Reply::ok("conditional body")
+            .cc("max-age=60")
+            .header("etag", "\"c1\"")
+            .header("last-modified", &lm)
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/cond");
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+
+    let r = get(&url, &[("if-none-match", "\"c1\"")]).await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.x_cache(), "HIT-L1");
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), Some("\"c1\""));
+
+    let r = get(&url, &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "conditional body");
+
+    let r = get(&url, &[("if-modified-since", &last_modified)]).await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.x_cache(), "HIT-L1");
+    assert!(r.body.is_empty());
+
+    assert_eq!(origin.hits("/cond"), 1);
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_the_url() {
+    let origin = MockOrigin::start(|r| match r.method.as_str() {
+        "GET" => Reply::ok(format!("{}#{}", r.path, r.hit)).cc("max-age=60"),
+        "DELETE" => Reply::status(204, ""),
+        _ => Reply::ok("done"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let path = format!("/inv-{}", method.to_ascii_lowercase());
+        let url = proxy.url(&path);
+        assert_eq!(get(&url, &[]).await.x_cache(), "MISS", "{path}");
+        assert_eq!(get(&url, &[]).await.x_cache(), "HIT-L1", "{path}");
+
+        let r = request(method, &url, &[], "payload").await;
+        assert!(r.status.is_success(), "{method} {path}: {}", r.status);
+        assert_eq!(r.x_cache(), "BYPASS", "{method} {path}");
+
+        let r = get(&url, &[]).await;
+        assert_eq!(r.x_cache(), "MISS", "{path} after {method}");
+        assert_eq!(r.text(), format!("{path}#3"), "{path} after {method}");
+    }
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_same_host_location_but_not_on_error() {
+    let origin = MockOrigin::start(|r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", _) => Reply::ok(format!("{}#{}", r.path, r.hit)).cc("max-age=60"),
+        ("POST", "/create") => Reply::status(201, "created")
+            .header("location", "/loc-target")
+            .header(
+                "content-location",
+                &format!("http://{}/cl-target", r.header("host").unwrap_or("")),
+            ),
+        ("POST", "/create-elsewhere") => {
+            Reply::status(201, "created").header("location", "http://other.example/other-target")
+        }
+        ("POST", _) => Reply::status(500, "boom").header("location", "/err-location"),
+        _ => Reply::status(405, "no"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    for path in [
+        "/loc-target",
+        "/cl-target",
+        "/other-target",
+        "/err",
+        "/err-location",
+    ] {
+        get(&proxy.url(path), &[]).await;
+        assert_eq!(
+            get(&proxy.url(path), &[]).await.x_cache(),
+            "HIT-L1",
+            "{path}"
+        );
+    }
+
+    let r = request("POST", &proxy.url("/create"), &[], "x").await;
+    assert_eq!(r.status, 201);
+    let r = get(&proxy.url("/loc-target"), &[]).await;
+    assert_eq!(r.x_cache(), "MISS", "Location target should be invalidated");
+    let r = get(&proxy.url("/cl-target"), &[]).await;
+    assert_eq!(
+        r.x_cache(),
+        "MISS",
+        "Content-Location target should be invalidated"
+    );
+
+    let r = request("POST", &proxy.url("/create-elsewhere"), &[], "x").await;
+    assert_eq!(r.status, 201);
+    let r = get(&proxy.url("/other-target"), &[]).await;
+    assert_eq!(
+        r.x_cache(),
+        "HIT-L1",
+        "a Location on another host must not invalidate"
+    );
+
+    let r = request("POST", &proxy.url("/err"), &[], "x").await;
+    assert_eq!(r.status, 500);
+    let r = get(&proxy.url("/err"), &[]).await;
+    assert_eq!(r.x_cache(), "HIT-L1", "an error answer must not invalidate");
+    assert_eq!(r.text(), "/err#1");
+    let r = get(&proxy.url("/err-location"), &[]).await;
+    assert_eq!(
+        r.x_cache(),
+        "HIT-L1",
+        "an error answer must not invalidate its Location"
+    );
+}
+
+#[tokio::test]
+async fn repeated_headers_survive_a_hit() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("multi")
+            .cc("public, max-age=60")
+            .header("set-cookie", "a=1; Path=/")
+            .header("set-cookie", "b=2; Path=/")
+            .header("x-multi", "one")
+            .header("x-multi", "two")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/multi");
+
+    let miss = get(&url, &[]).await;
+    assert_eq!(miss.x_cache(), "MISS");
+    assert_eq!(miss.all("set-cookie"), ["a=1; Path=/", "b=2; Path=/"]);
+    let hit = get(&url, &[]).await;
+    assert_eq!(hit.x_cache(), "HIT-L1");
+    assert_eq!(hit.all("set-cookie"), ["a=1; Path=/", "b=2; Path=/"]);
+    assert_eq!(hit.all("x-multi"), ["one", "two"]);
+    assert_eq!(origin.hits("/multi"), 1);
+}
