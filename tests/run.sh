@@ -33,7 +33,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f "${CARGO_HOME:-$HOME/.cargo}/env"
     . "${CARGO_HOME:-$HOME/.cargo}/env"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "tests/run.sh: cargo not found; install Rust (1.80+) with rustup: https://rustup.rs" >&2
+    echo "tests/run.sh: cargo not found; install Rust (1.85+) with rustup: https://rustup.rs" >&2
     exit 127
 fi
 
