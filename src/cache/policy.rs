@@ -38,6 +38,13 @@ fn seconds(value: Option<&str>) -> Option<u64> {
     value.and_then(|v| v.parse::<u64>().ok())
 }
 
+/// `Pragma: no-cache` counts as `Cache-Control: no-cache` only when there is no `Cache-Control`
+/// (RFC 9111 §5.4).
+fn pragma_no_cache(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::CACHE_CONTROL)
+        && directives(headers.get_all(header::PRAGMA)).any(|(name, _)| name == "no-cache")
+}
+
 /// The response directives the proxy needs beyond what http-cache-semantics computes.
 #[derive(Debug, Default, Clone)]
 pub struct ResponseDirectives {
@@ -68,11 +75,7 @@ impl ResponseDirectives {
                 _ => {}
             }
         }
-        if !headers.contains_key(header::CACHE_CONTROL)
-            && directives(headers.get_all(header::PRAGMA)).any(|(n, _)| n == "no-cache")
-        {
-            d.no_cache = true;
-        }
+        d.no_cache |= pragma_no_cache(headers);
         d
     }
 
@@ -241,11 +244,7 @@ impl RequestDirectives {
                 _ => {}
             }
         }
-        if !headers.contains_key(header::CACHE_CONTROL)
-            && directives(headers.get_all(header::PRAGMA)).any(|(n, _)| n == "no-cache")
-        {
-            d.no_cache = true;
-        }
+        d.no_cache |= pragma_no_cache(headers);
         d
     }
 }

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use http::header::{self, HeaderMap};
+use http::header;
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
@@ -173,7 +173,7 @@ impl Proxy {
         if !needs_full_evaluation(&parts.headers) {
             if let Some(entry) = &stored {
                 if entry.is_fresh(now) {
-                    return self.answer_stored(entry, &parts.headers, head, now, Detail::Hit);
+                    return respond::from_entry(entry, &parts.headers, head, now, Detail::Hit);
                 }
             }
         }
@@ -181,7 +181,7 @@ impl Proxy {
         let directives = RequestDirectives::parse(&parts.headers);
         if let Some(entry) = &stored {
             if !directives.no_cache && satisfies(entry, &directives, now) {
-                return self.answer_stored(entry, &parts.headers, head, now, Detail::Hit);
+                return respond::from_entry(entry, &parts.headers, head, now, Detail::Hit);
             }
             let client_tolerates_stale =
                 directives.max_age.is_none() && directives.min_fresh.is_none();
@@ -191,7 +191,7 @@ impl Proxy {
                 && entry.may_serve_while_revalidating(now)
             {
                 self.refresh_in_background(&parts, &target, entry.clone());
-                return self.answer_stored(
+                return respond::from_entry(
                     entry,
                     &parts.headers,
                     head,
@@ -234,17 +234,6 @@ impl Proxy {
         self.fetch_coalesced(parts, target, stored, fwd).await
     }
 
-    fn answer_stored(
-        &self,
-        entry: &Entry,
-        request: &HeaderMap,
-        head: bool,
-        now: SystemTime,
-        detail: Detail,
-    ) -> Response<ProxyBody> {
-        respond::from_entry(entry, request, head, now, detail)
-    }
-
     /// A miss (or a stale entry that must be revalidated): one leader per key goes to the origin.
     async fn fetch_coalesced(
         &self,
@@ -264,7 +253,7 @@ impl Proxy {
                     Waited::Stored(entry) if entry.matches_variant(&parts.headers) => {
                         Stats::incr(&inner.stats.coalesced);
                         let now = inner.clock.now();
-                        return self.answer_stored(
+                        return respond::from_entry(
                             &entry,
                             &parts.headers,
                             false,
@@ -305,7 +294,7 @@ impl Proxy {
                 drop(response);
                 let entry = stale.as_deref();
                 entry.map(|e| {
-                    self.answer_stored(
+                    respond::from_entry(
                         e,
                         &request_headers,
                         head,
@@ -316,7 +305,7 @@ impl Proxy {
             }
             Ok(response) => Some(self.pass_through(response, Detail::Miss { stored: false, fwd })),
             Err(error) => match stale.as_deref() {
-                Some(entry) => Some(self.answer_stored(
+                Some(entry) => Some(respond::from_entry(
                     entry,
                     &request_headers,
                     head,
