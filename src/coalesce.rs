@@ -20,8 +20,11 @@ pub enum FlightState {
     Pending,
     /// The leader stored this entry; followers answer from it.
     Stored(Arc<Entry>),
-    /// Nothing usable was stored (uncacheable answer, error, leader gone): fetch for yourself.
+    /// Nothing usable was stored (uncacheable answer, leader gone): fetch for yourself.
     Released,
+    /// The origin failed the leader (unreachable, timeout, 5xx): a follower holding a copy it may
+    /// serve on error answers with it at once instead of trying the failing origin again.
+    Failed,
 }
 
 struct Flight {
@@ -49,6 +52,7 @@ pub struct Follower {
 pub enum Waited {
     Stored(Arc<Entry>),
     Released,
+    Failed,
     TimedOut,
 }
 
@@ -61,7 +65,8 @@ impl Follower {
         match tokio::time::timeout(timeout, finished).await {
             Ok(Ok(state)) => match &*state {
                 FlightState::Stored(entry) => Waited::Stored(entry.clone()),
-                _ => Waited::Released,
+                FlightState::Failed => Waited::Failed,
+                FlightState::Pending | FlightState::Released => Waited::Released,
             },
             // The sender is gone: the leader vanished without a word. Treat as released.
             Ok(Err(_)) => Waited::Released,
@@ -105,7 +110,8 @@ impl Coalescer {
     /// Marks a fill under way for `key` as overtaken by an invalidation.
     pub fn invalidate(&self, key: &str) {
         if let Some(flight) = self.lock().get(key) {
-            flight.invalidated.store(true, Ordering::Release);
+            // SeqCst pairs with the fill's store-then-check: see `FlightPermit::is_invalidated`.
+            flight.invalidated.store(true, Ordering::SeqCst);
         }
     }
 
@@ -131,9 +137,11 @@ impl FlightPermit {
         &self.key
     }
 
-    /// True when the key was invalidated after this fill began: its result must not be stored.
+    /// True when the key was invalidated after this fill began. A fill stores first and asks this
+    /// after: either the invalidation's purge comes later and removes what was stored, or this sees
+    /// the flag and the fill removes it itself. Checking before storing would leave a window.
     pub fn is_invalidated(&self) -> bool {
-        self.flight.invalidated.load(Ordering::Acquire)
+        self.flight.invalidated.load(Ordering::SeqCst)
     }
 
     /// The fill stored `entry`; followers answer from it.
@@ -144,6 +152,11 @@ impl FlightPermit {
     /// Nothing cacheable came back; followers fetch for themselves, all at once.
     pub fn release(mut self) {
         self.finish(FlightState::Released);
+    }
+
+    /// The origin failed; followers with a stale-if-error copy use it, the others fetch themselves.
+    pub fn fail(mut self) {
+        self.finish(FlightState::Failed);
     }
 
     fn finish(&mut self, state: FlightState) {

@@ -244,17 +244,25 @@ fn parse_megabytes(var: &'static str, value: &str) -> Result<u64, ConfigError> {
 /// Durations read `250ms`, `30s`, `5m`, `1h` (and combinations such as `1m30s`); a bare number is seconds.
 pub fn parse_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let value_trimmed = value.trim();
-    if let Ok(secs) = value_trimmed.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(value_trimmed).map_err(|e| {
+    let parsed = match value_trimmed.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(value_trimmed),
+    };
+    let duration = parsed.map_err(|e| {
         ConfigError::invalid(
             var,
             value,
             format!("expected a duration like 250ms, 30s, 5m, 1h ({e})"),
         )
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(ConfigError::invalid(var, value, "longer than 10 years"));
+    }
+    Ok(duration)
 }
+
+/// Longer settings are surely mistakes, and would overflow deadline arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 fn parse_positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let d = parse_duration(var, value)?;
@@ -281,6 +289,7 @@ mod tests {
         assert_eq!(d("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(d("45"), Some(Duration::from_secs(45)));
         assert_eq!(d("soon"), None);
+        assert_eq!(d("1000000y"), None);
     }
 
     #[test]

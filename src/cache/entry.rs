@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
-use http_cache_semantics::CachePolicy;
 
 use super::policy::Lifetime;
 
@@ -20,12 +19,12 @@ pub struct Entry {
     /// `Age` removed (it is recomputed on every answer) and `Content-Length` set to the body's.
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// The full RFC 9111 policy, kept for revalidation and the slow path.
-    pub policy: CachePolicy,
     pub response_time: SystemTime,
     pub lifetime: Lifetime,
     /// must-revalidate / proxy-revalidate / no-cache: never answered stale.
     pub never_stale: bool,
+    /// A client's `max-stale` may be honoured (not for `s-maxage`, which implies proxy-revalidate).
+    pub honours_max_stale: bool,
     pub etag: Option<HeaderValue>,
     pub last_modified: Option<SystemTime>,
     /// For a response with `Vary`: each selecting header and the values the request had.
@@ -37,26 +36,30 @@ pub struct Entry {
 /// headers arrive, turned into an [`Entry`] when its body is complete.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    pub policy: CachePolicy,
     pub lifetime: Lifetime,
     pub never_stale: bool,
+    pub honours_max_stale: bool,
     pub variant: Vec<(HeaderName, Vec<HeaderValue>)>,
 }
 
 impl Entry {
+    /// Builds an entry. Header values are copied: hyper hands them out as slices of a connection's
+    /// read buffer, and a stored slice would keep that whole buffer alive, unweighed. The body is
+    /// expected to be detached already (see [`detach_body`]).
     pub fn new(
         status: StatusCode,
-        mut headers: HeaderMap,
+        headers: &HeaderMap,
         body: Bytes,
         response_time: SystemTime,
         admission: Admission,
     ) -> Entry {
         let Admission {
-            policy,
             lifetime,
             never_stale,
+            honours_max_stale,
             variant,
         } = admission;
+        let mut headers = detach_headers(headers);
         headers.remove(header::AGE);
         headers.remove(header::TRANSFER_ENCODING);
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -74,10 +77,10 @@ impl Entry {
             status,
             headers,
             body,
-            policy,
             response_time,
             lifetime,
             never_stale,
+            honours_max_stale,
             etag,
             last_modified,
             variant,
@@ -118,7 +121,7 @@ impl Entry {
     /// The `Age` of this response now, in seconds (RFC 9111 §4.2.3).
     pub fn age(&self, now: SystemTime) -> u64 {
         let resident = now.duration_since(self.response_time).unwrap_or_default();
-        (self.lifetime.initial_age + resident).as_secs()
+        self.lifetime.initial_age.saturating_add(resident).as_secs()
     }
 
     /// Seconds of freshness left (`Cache-Status` ttl); negative once stale.
@@ -146,4 +149,30 @@ impl Entry {
             presented.iter().eq(values.iter())
         })
     }
+}
+
+/// A copy of `headers` that owns its values (see [`Entry::new`]).
+pub fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        owned.append(name.clone(), detach_value(value));
+    }
+    owned
+}
+
+/// A header value that owns its bytes.
+pub fn detach_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
+/// One owned allocation for a body received as chunks that are slices of read buffers.
+pub fn detach_body(chunks: Vec<Bytes>, size: usize) -> Bytes {
+    let mut joined = bytes::BytesMut::with_capacity(size);
+    for chunk in chunks {
+        joined.extend_from_slice(&chunk);
+    }
+    joined.freeze()
 }

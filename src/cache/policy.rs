@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Response, StatusCode};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
-use super::entry::Admission;
+use super::entry::{detach_value, Admission};
 use crate::config::Config;
 
 /// Iterates the directives of every `Cache-Control` (or `Pragma`) value: `(name lowercased, value)`.
@@ -34,8 +34,27 @@ pub fn directives<'a>(
         })
 }
 
+/// Delta-seconds larger than this are taken as this (RFC 9111 §1.2.2: 2^31), which also keeps all
+/// time arithmetic far from overflow.
+pub const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
 fn seconds(value: Option<&str>) -> Option<u64> {
-    value.and_then(|v| v.parse::<u64>().ok())
+    let digits = value?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // A valid but huge number (even past u64) is "very long", not invalid.
+    Some(
+        digits
+            .parse::<u64>()
+            .map_or(MAX_DELTA_SECONDS, |n| n.min(MAX_DELTA_SECONDS)),
+    )
+}
+
+/// `now + delta`, with `delta` capped at [`MAX_DELTA_SECONDS`]; never panics.
+pub fn later(now: SystemTime, delta: Duration) -> SystemTime {
+    let delta = delta.min(Duration::from_secs(MAX_DELTA_SECONDS));
+    now.checked_add(delta).unwrap_or(now)
 }
 
 /// `Pragma: no-cache` counts as `Cache-Control: no-cache` only when there is no `Cache-Control`
@@ -56,12 +75,22 @@ pub struct ResponseDirectives {
     pub max_age: bool,
     pub stale_while_revalidate: Option<u64>,
     pub stale_if_error: Option<u64>,
+    /// A freshness directive appears twice with different values: RFC 9111 §4.2.1 says treat the
+    /// response as stale, so it must never be served stale either.
+    pub conflicting: bool,
 }
 
 impl ResponseDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = ResponseDirectives::default();
+        let mut seen: Vec<(String, Option<&str>)> = Vec::new();
         for (name, value) in directives(headers.get_all(header::CACHE_CONTROL)) {
+            if matches!(name.as_str(), "max-age" | "s-maxage") {
+                if seen.iter().any(|(n, v)| *n == name && *v != value) {
+                    d.conflicting = true;
+                }
+                seen.push((name.clone(), value));
+            }
             match name.as_str() {
                 "public" => d.public = true,
                 // A qualified no-cache="field" is treated as unqualified: always correct, RFC 9111 §5.2.2.4.
@@ -81,7 +110,7 @@ impl ResponseDirectives {
 
     /// must-revalidate, proxy-revalidate and no-cache forbid serving the response stale.
     pub fn forbids_stale(&self) -> bool {
-        self.must_revalidate || self.proxy_revalidate || self.no_cache
+        self.must_revalidate || self.proxy_revalidate || self.no_cache || self.conflicting
     }
 }
 
@@ -132,7 +161,7 @@ pub fn assess(
     vary_names(response_headers)?;
     let explicit = d.s_maxage || d.max_age || response_headers.contains_key(header::EXPIRES);
     let mut ttl = policy.time_to_live(now);
-    let initial_age = policy.age(now);
+    let initial_age = policy.age(now).min(Duration::from_secs(MAX_DELTA_SECONDS));
     if ttl.is_zero() && !explicit && !d.no_cache {
         if let Some(fallback) = config.fallback_max_age {
             ttl = fallback.saturating_sub(initial_age);
@@ -156,11 +185,11 @@ pub fn assess(
             (swr.max(config.grace), sie.max(config.stale_if_error))
         }
     };
-    let fresh_until = now + ttl;
+    let fresh_until = later(now, ttl);
     Ok(Lifetime {
         fresh_until,
-        stale_while_revalidate_until: fresh_until + swr,
-        stale_if_error_until: fresh_until + sie,
+        stale_while_revalidate_until: later(fresh_until, swr),
+        stale_if_error_until: later(fresh_until, sie),
         initial_age,
     })
 }
@@ -177,22 +206,51 @@ pub fn admit(
     let (mut response, ()) = Response::new(()).into_parts();
     response.status = status;
     response.headers = headers.clone();
+    // http-cache-semantics gives a shared cache zero freshness for proxy-revalidate; RFC 9111
+    // §5.2.2.8 only forbids serving it stale, which `never_stale` below takes care of.
+    remove_directive(&mut response.headers, "proxy-revalidate");
     let policy = CachePolicy::new_options(request, &response, now, cache_options());
     let lifetime = assess(&policy, headers, now, config)?;
-    let never_stale = ResponseDirectives::parse(headers).forbids_stale();
+    let directives = ResponseDirectives::parse(headers);
+    let never_stale = directives.forbids_stale();
     let variant = vary_names(headers)?
         .into_iter()
         .map(|name| {
-            let values = request.headers.get_all(&name).iter().cloned().collect();
+            let values = request
+                .headers
+                .get_all(&name)
+                .iter()
+                .map(detach_value)
+                .collect();
             (name, values)
         })
         .collect();
     Ok(Admission {
-        policy,
         lifetime,
         never_stale,
+        honours_max_stale: !never_stale && !directives.s_maxage,
         variant,
     })
+}
+
+/// Rewrites `Cache-Control` without one directive (only when it is there).
+fn remove_directive(headers: &mut HeaderMap, directive: &str) {
+    if !directives(headers.get_all(header::CACHE_CONTROL)).any(|(name, _)| name == directive) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|part| !part.is_empty() && !part.eq_ignore_ascii_case(directive))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::CACHE_CONTROL);
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
 }
 
 /// The header names a response varies on, lowercased; `Err` for `Vary: *` (or an unreadable
@@ -249,6 +307,12 @@ impl RequestDirectives {
     }
 }
 
+/// The response itself says it must not be kept by a shared cache (`no-store`, `private`).
+pub fn forbids_storing(headers: &HeaderMap) -> bool {
+    directives(headers.get_all(header::CACHE_CONTROL))
+        .any(|(name, _)| name == "no-store" || name == "private")
+}
+
 /// True when a request carries anything that needs more than the plain fresh-hit check.
 #[inline]
 pub fn needs_full_evaluation(headers: &HeaderMap) -> bool {
@@ -267,17 +331,17 @@ fn etag_weak_eq(a: &str, b: &str) -> bool {
     a.trim().trim_start_matches("W/") == b.trim().trim_start_matches("W/")
 }
 
-/// Does `If-None-Match` list the entity tag (or `*`)?
+/// Does `If-None-Match` list the stored response's entity tag, or `*` (any stored representation)?
 pub fn if_none_match_matches(if_none_match: &HeaderMap, etag: Option<&HeaderValue>) -> bool {
-    let Some(etag) = etag.and_then(|e| e.to_str().ok()) else {
-        return false;
-    };
+    let etag = etag.and_then(|e| e.to_str().ok());
     if_none_match
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|candidate| candidate.trim() == "*" || etag_weak_eq(candidate, etag))
+        .any(|candidate| {
+            candidate.trim() == "*" || etag.is_some_and(|etag| etag_weak_eq(candidate, etag))
+        })
 }
 
 /// Evaluates a client's `If-None-Match` / `If-Modified-Since` against a stored response:
@@ -375,6 +439,23 @@ mod tests {
         assert_eq!(d.stale_while_revalidate, Some(30));
         assert_eq!(d.stale_if_error, Some(60));
         assert!(!d.forbids_stale());
+    }
+
+    #[test]
+    fn huge_delta_seconds_are_capped_not_fatal() {
+        assert_eq!(
+            seconds(Some("99999999999999999999999")),
+            Some(MAX_DELTA_SECONDS)
+        );
+        assert_eq!(seconds(Some("-1")), None);
+        let now = SystemTime::now();
+        assert!(later(now, Duration::MAX) > now);
+    }
+
+    #[test]
+    fn duplicate_freshness_forbids_stale() {
+        let d = ResponseDirectives::parse(&headers(&[("cache-control", "max-age=10, max-age=20")]));
+        assert!(d.forbids_stale());
     }
 
     #[test]

@@ -14,6 +14,16 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a fill task sends its client: a chunk, `Ok(None)` for "complete", or the error that ended it.
+/// A channel that closes without `Ok(None)` ends the body in an error, so a fill that stops early
+/// (client stalled, task gone) never produces a truncated body that looks complete.
+pub type ChannelItem = Result<Option<Bytes>, BoxError>;
+
+/// The fill behind a streamed answer stopped before the body was complete.
+#[derive(Debug, thiserror::Error)]
+#[error("response body ended before it was complete")]
+pub struct Incomplete;
+
 /// The origin went silent for longer than `ORIGIN_TIMEOUT` in the middle of a body.
 #[derive(Debug, thiserror::Error)]
 #[error("origin body idle for more than {0:?}")]
@@ -29,7 +39,7 @@ pin_project_lite::pin_project! {
         /// An origin's response body on its way to the client.
         Origin { #[pin] body: Incoming, idle: Pin<Box<Sleep>>, timeout: Duration },
         /// Chunks forwarded by a fill task that also stores them.
-        Channel { rx: mpsc::Receiver<Result<Bytes, BoxError>> },
+        Channel { rx: mpsc::Receiver<ChannelItem>, complete: bool },
     }
 }
 
@@ -54,8 +64,11 @@ impl ProxyBody {
         }
     }
 
-    pub fn channel(rx: mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
-        ProxyBody::Channel { rx }
+    pub fn channel(rx: mpsc::Receiver<ChannelItem>) -> Self {
+        ProxyBody::Channel {
+            rx,
+            complete: false,
+        }
     }
 }
 
@@ -91,9 +104,27 @@ impl Body for ProxyBody {
                     Poll::Pending => Poll::Pending,
                 },
             },
-            ProxyBodyProj::Channel { rx } => rx
-                .poll_recv(cx)
-                .map(|chunk| chunk.map(|c| c.map(Frame::data))),
+            ProxyBodyProj::Channel { rx, complete } => {
+                if *complete {
+                    return Poll::Ready(None);
+                }
+                match rx.poll_recv(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Ok(Some(data)))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Poll::Ready(Some(Ok(None))) => {
+                        *complete = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        *complete = true;
+                        Poll::Ready(Some(Err(error)))
+                    }
+                    Poll::Ready(None) => {
+                        *complete = true;
+                        Poll::Ready(Some(Err(Incomplete.into())))
+                    }
+                }
+            }
         }
     }
 
@@ -103,7 +134,7 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Client { body } => body.is_end_stream(),
             ProxyBody::Origin { body, .. } => body.is_end_stream(),
-            ProxyBody::Channel { .. } => false,
+            ProxyBody::Channel { complete, .. } => *complete,
         }
     }
 

@@ -6,22 +6,26 @@
 //! still get their answer; a body that grows past `CACHE_MAX_OBJECT_MB` releases the followers at once
 //! and keeps streaming.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use super::body::{BoxError, IdleTimeout, ProxyBody};
+use super::body::{BoxError, ChannelItem, IdleTimeout, ProxyBody};
 use super::respond::{self, Detail, Fwd};
 use super::{headers, is_origin_failure, Proxy, Target};
-use crate::cache::entry::Admission;
-use crate::cache::policy::{admit, merge_not_modified, revalidation_matches};
-use crate::cache::Entry;
+use crate::cache::entry::{detach_body, Admission};
+use crate::cache::policy::{admit, forbids_storing, merge_not_modified, revalidation_matches};
+use crate::cache::{Entry, PurgeReason};
 use crate::coalesce::FlightPermit;
 
 /// Chunks buffered between the fill task and a slow client before the origin read waits.
@@ -57,14 +61,7 @@ impl Proxy {
             .filter(|entry| entry.has_validators())
             .cloned();
         if let Some(entry) = &revalidating {
-            if let Some(etag) = &entry.etag {
-                upstream.headers.insert(header::IF_NONE_MATCH, etag.clone());
-            }
-            if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
-                upstream
-                    .headers
-                    .insert(header::IF_MODIFIED_SINCE, modified.clone());
-            }
+            add_validators(&mut upstream.headers, entry);
         }
 
         let result = self
@@ -77,7 +74,7 @@ impl Proxy {
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                permit.release();
+                permit.fail();
                 return match stale_on_error {
                     Some(entry) => respond::from_entry(
                         entry,
@@ -93,7 +90,7 @@ impl Proxy {
         let status = response.status();
         if is_origin_failure(status) {
             if let Some(entry) = stale_on_error {
-                permit.release();
+                permit.fail();
                 drop(response);
                 return respond::from_entry(
                     entry,
@@ -138,9 +135,14 @@ impl Proxy {
         ) {
             Ok(admission) => admission,
             Err(reason) => {
-                permit.release();
-                // The origin now answers this URL with something not to be stored: the old copy goes.
-                if stored.is_some() && !is_origin_failure(status) {
+                if is_origin_failure(status) {
+                    permit.fail();
+                } else {
+                    permit.release();
+                }
+                // The origin now marks this URL not to be stored: the old copy goes. Reasons that
+                // belong to this request alone (its Authorization, a Set-Cookie) leave it in place.
+                if stored.is_some() && forbids_storing(&response_parts.headers) {
                     self.invalidate(&target.key);
                 }
                 tracing::debug!(?reason, status = status.as_u16(), "response not stored");
@@ -172,9 +174,10 @@ impl Proxy {
         tokio::spawn(fill.run(body, tx, permit));
 
         headers::to_client(&mut response_parts.headers);
+        let stored = inner.cache.l1().enabled();
         respond::mark(
             &mut response_parts.headers,
-            Detail::Miss { stored: true, fwd },
+            Detail::Miss { stored, fwd },
             None,
         );
         Response::from_parts(response_parts, ProxyBody::channel(rx))
@@ -203,23 +206,12 @@ impl Proxy {
             Ok(admission) => {
                 let entry = Arc::new(Entry::new(
                     stale.status,
-                    merged,
+                    &merged,
                     stale.body.clone(),
                     now,
                     admission,
                 ));
-                if permit.is_invalidated() {
-                    permit.release();
-                } else {
-                    inner
-                        .cache
-                        .store(&target.key, entry.clone(), &parts.headers);
-                    if entry.is_fresh(now) {
-                        permit.complete(entry.clone());
-                    } else {
-                        permit.release();
-                    }
-                }
+                self.settle(&target.key, &entry, &parts.headers, permit);
                 respond::from_entry(&entry, &parts.headers, false, now, detail)
             }
             Err(_) => {
@@ -227,6 +219,30 @@ impl Proxy {
                 self.invalidate(&target.key);
                 respond::from_entry(stale, &parts.headers, false, now, detail)
             }
+        }
+    }
+}
+
+impl Proxy {
+    /// Stores a fill's result and hands it to the followers, unless an invalidation overtook it.
+    /// Store first, check second (see [`FlightPermit::is_invalidated`]).
+    fn settle(
+        &self,
+        key: &str,
+        entry: &Arc<Entry>,
+        request_headers: &http::HeaderMap,
+        permit: FlightPermit,
+    ) {
+        let inner = &self.0;
+        inner.cache.store(key, entry.clone(), request_headers);
+        if permit.is_invalidated() {
+            inner.cache.purge(key, PurgeReason::Invalidation);
+            permit.release();
+        } else if entry.is_fresh(inner.clock.now()) {
+            permit.complete(entry.clone());
+        } else {
+            // Stored only for revalidation (no freshness): concurrent requests must ask the origin.
+            permit.release();
         }
     }
 }
@@ -243,21 +259,20 @@ struct Fill {
 }
 
 impl Fill {
-    async fn run(
-        self,
-        mut body: Incoming,
-        tx: mpsc::Sender<Result<Bytes, BoxError>>,
-        permit: FlightPermit,
-    ) {
+    async fn run(self, mut body: Incoming, tx: mpsc::Sender<ChannelItem>, permit: FlightPermit) {
         let inner = &self.proxy.0;
         let idle = inner.origin.timeout();
         let max = inner.config.max_object_bytes;
-        let mut client = ClientFeed::new(tx);
+        let mut client = ClientFeed::new(tx, idle);
         let mut storing = Some(permit);
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut size: u64 = 0;
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
+            let deadline = Instant::now() + idle;
+            let frame = client
+                .feed_while(tokio::time::timeout_at(deadline, body.frame()))
+                .await;
+            let frame = match frame {
                 Ok(None) => break,
                 Ok(Some(Ok(frame))) => frame,
                 Ok(Some(Err(error))) => {
@@ -290,7 +305,7 @@ impl Fill {
             }
             if storing.is_some() {
                 // The body is being kept anyway: a slow client must not slow the followers down.
-                client.push(data);
+                client.queue(data);
             } else {
                 client.send(data).await;
                 if client.is_gone() {
@@ -299,44 +314,37 @@ impl Fill {
             }
         }
         if let Some(permit) = storing {
-            let body = concat(chunks, size);
+            let body = detach_body(chunks, usize::try_from(size).unwrap_or(0));
             let entry = Arc::new(Entry::new(
                 self.status,
-                self.headers,
+                &self.headers,
                 body,
                 self.response_time,
                 self.admission,
             ));
-            if permit.is_invalidated() {
-                permit.release();
-            } else {
-                inner
-                    .cache
-                    .store(&self.key, entry.clone(), &self.request_headers);
-                if entry.is_fresh(inner.clock.now()) {
-                    permit.complete(entry);
-                } else {
-                    // Stored only for revalidation (no freshness): concurrent requests must ask the origin.
-                    permit.release();
-                }
-            }
+            self.proxy
+                .settle(&self.key, &entry, &self.request_headers, permit);
         }
         client.finish().await;
     }
 }
 
-/// The leader's client, fed without blocking the fill while the body is being stored (its backlog
-/// shares the stored chunks, so it costs no extra memory), with backpressure otherwise.
+/// The leader's client. While the body is being stored the fill never waits for it: chunks queue
+/// in a backlog that shares the stored `Bytes` (no extra memory) and is handed over whenever the
+/// client takes it. Otherwise sends apply backpressure. A client that takes nothing for the stall
+/// limit is dropped, and its body ends in an error, never looking complete.
 struct ClientFeed {
-    tx: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
-    backlog: std::collections::VecDeque<Bytes>,
+    tx: Option<mpsc::Sender<ChannelItem>>,
+    backlog: VecDeque<Bytes>,
+    stall: Duration,
 }
 
 impl ClientFeed {
-    fn new(tx: mpsc::Sender<Result<Bytes, BoxError>>) -> Self {
+    fn new(tx: mpsc::Sender<ChannelItem>, stall: Duration) -> Self {
         ClientFeed {
             tx: Some(tx),
-            backlog: std::collections::VecDeque::new(),
+            backlog: VecDeque::new(),
+            stall,
         }
     }
 
@@ -344,66 +352,73 @@ impl ClientFeed {
         self.tx.is_none()
     }
 
-    /// Queues a chunk and hands over whatever the channel takes now.
-    fn push(&mut self, data: Bytes) {
-        if self.tx.is_none() {
-            return;
+    fn close(&mut self) {
+        self.tx = None;
+        self.backlog.clear();
+    }
+
+    fn queue(&mut self, data: Bytes) {
+        if self.tx.is_some() {
+            self.backlog.push_back(data);
         }
-        self.backlog.push_back(data);
-        while let (Some(tx), Some(chunk)) = (&self.tx, self.backlog.pop_front()) {
-            match tx.try_send(Ok(chunk)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(Ok(chunk))) => {
-                    self.backlog.push_front(chunk);
-                    break;
-                }
-                Err(_) => {
-                    self.tx = None;
-                    self.backlog.clear();
-                }
+    }
+
+    /// Awaits `next` (the origin's next frame) while handing the backlog to the client.
+    async fn feed_while<F: Future>(&mut self, next: F) -> F::Output {
+        tokio::pin!(next);
+        loop {
+            let sender = match &self.tx {
+                Some(tx) if !self.backlog.is_empty() => tx.clone(),
+                _ => return next.await,
+            };
+            tokio::select! {
+                biased;
+                output = &mut next => return output,
+                reserved = sender.reserve() => match reserved {
+                    Ok(slot) => {
+                        if let Some(chunk) = self.backlog.pop_front() {
+                            slot.send(Ok(Some(chunk)));
+                        }
+                    }
+                    Err(_) => self.close(),
+                },
             }
         }
     }
 
-    /// Sends a chunk after the backlog, waiting for the client.
+    /// Sends a chunk after the backlog, waiting for the client (at most the stall limit per chunk).
     async fn send(&mut self, data: Bytes) {
-        self.backlog.push_back(data);
+        self.queue(data);
         self.flush().await;
     }
 
     async fn flush(&mut self) {
-        while let (Some(tx), Some(chunk)) = (&self.tx, self.backlog.pop_front()) {
-            if tx.send(Ok(chunk)).await.is_err() {
-                self.tx = None;
-                self.backlog.clear();
+        while let Some(chunk) = self.backlog.pop_front() {
+            let Some(tx) = &self.tx else { return };
+            match tokio::time::timeout(self.stall, tx.send(Ok(Some(chunk)))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.close(),
+                Err(_) => {
+                    tracing::warn!(stall = ?self.stall, "client stopped reading; dropping it");
+                    self.close();
+                }
             }
         }
     }
 
-    /// Delivers the rest, then ends the body.
+    /// Delivers the rest, then marks the body complete.
     async fn finish(mut self) {
         self.flush().await;
+        if let Some(tx) = &self.tx {
+            let _ = tokio::time::timeout(self.stall, tx.send(Ok(None))).await;
+        }
     }
 
-    /// Delivers what arrived, then aborts the body so the client never sees a complete-looking one.
+    /// Delivers what arrived, then ends the body with an error.
     async fn fail(mut self, error: BoxError) {
         self.flush().await;
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Err(error)).await;
-        }
-    }
-}
-
-fn concat(chunks: Vec<Bytes>, size: u64) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.into_iter().next().unwrap_or_default(),
-        _ => {
-            let mut joined = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
-            for chunk in chunks {
-                joined.extend_from_slice(&chunk);
-            }
-            joined.freeze()
+            let _ = tokio::time::timeout(self.stall, tx.send(Err(error))).await;
         }
     }
 }
@@ -423,6 +438,16 @@ fn policy_request(parts: &Parts, host: &str) -> Parts {
         }
     }
     request
+}
+
+/// Asks the origin for a 304 if the stored copy is still current.
+pub(super) fn add_validators(headers: &mut http::HeaderMap, entry: &Entry) {
+    if let Some(etag) = &entry.etag {
+        headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+        headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
 }
 
 /// `Parts` is not `Clone` (its extensions are not); requests going upstream need only these fields.

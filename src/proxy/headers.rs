@@ -55,23 +55,26 @@ fn via_for(version: Version) -> HeaderValue {
 }
 
 /// Turns a client's request headers into the headers sent to the origin.
+///
+/// `host` is the host the cache key was built from; the origin always gets exactly that `Host`, so
+/// what is stored under a key is what the origin answered for that key's host (an absolute-form
+/// request line or an HTTP/2 `:authority` wins over a different `Host`, RFC 9112 §3.2.2).
 pub fn to_origin(headers: &mut HeaderMap, version: Version, client_ip: IpAddr, host: &str) {
     strip_hop_by_hop(headers);
+    // Strata answers `100-continue` to its client itself (hyper does, when the body is read).
+    headers.remove(header::EXPECT);
+    join_cookies(headers);
     headers.append(header::VIA, via_for(version));
-    let client = client_ip.to_string();
-    let forwarded_for = match headers
+    let client = client_ip.to_canonical().to_string();
+    let previous: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .fold(String::new(), |mut list, v| {
-            if !list.is_empty() {
-                list.push_str(", ");
-            }
-            list.push_str(v);
-            list
-        }) {
-        list if list.is_empty() => client,
-        list => format!("{list}, {client}"),
+        .collect();
+    let forwarded_for = if previous.is_empty() {
+        client
+    } else {
+        format!("{}, {client}", previous.join(", "))
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR, value);
@@ -84,10 +87,24 @@ pub fn to_origin(headers: &mut HeaderMap, version: Version, client_ip: IpAddr, h
         if !headers.contains_key(&X_FORWARDED_HOST) {
             headers.insert(X_FORWARDED_HOST, host_value.clone());
         }
-        // HTTP/2 clients send `:authority` instead of Host; the origin always gets the client's host.
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, host_value);
-        }
+        headers.insert(header::HOST, host_value);
+    }
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1 origin expects one, joined
+/// with "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -97,9 +114,17 @@ pub fn to_client(headers: &mut HeaderMap) {
     headers.append(header::VIA, VIA_RESPONSE);
 }
 
-/// The request asks to switch protocols (WebSocket and friends): `Connection: upgrade` + `Upgrade`.
+/// The request asks to switch to WebSocket (`Connection: upgrade` + `Upgrade: websocket`). Other
+/// upgrades (`h2c`, `TLS/1.0`) are not tunnelled: `Upgrade` is hop-by-hop and is simply dropped.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
+    let websocket = upgrade.to_str().is_ok_and(|v| {
+        v.split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    });
+    if !websocket {
+        return None;
+    }
     let connection_says_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -126,6 +151,44 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn origin_gets_the_keyed_host_and_one_cookie_field() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("evil.test"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        to_origin(
+            &mut h,
+            Version::HTTP_2,
+            IpAddr::from([127, 0, 0, 1]),
+            "victim.test",
+        );
+        assert_eq!(
+            h.get(header::HOST),
+            Some(&HeaderValue::from_static("victim.test"))
+        );
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(
+            h.get(header::COOKIE),
+            Some(&HeaderValue::from_static("a=1; b=2"))
+        );
+        assert!(!h.contains_key(header::EXPECT));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_tunnelled() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(upgrade_requested(&h).is_none());
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_requested(&h).is_some());
     }
 
     #[test]

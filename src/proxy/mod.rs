@@ -20,12 +20,14 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
 use crate::cache::key::{cache_key, request_host};
+use crate::cache::policy::revalidation_matches;
 use crate::cache::policy::{needs_full_evaluation, RequestDirectives};
 use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
 use crate::clock::Clock;
-use crate::coalesce::{Coalescer, Join, Waited};
+use crate::coalesce::{Coalescer, FlightPermit, Join, Waited};
 use crate::config::Config;
 use crate::metrics::{Stats, StatsSnapshot};
 use body::ProxyBody;
@@ -129,6 +131,15 @@ impl Proxy {
     }
 
     async fn route(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        // Two Host fields let the key and the origin disagree about the host (cache poisoning).
+        let mut hosts = request.headers().get_all(header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return respond::text(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: several Host fields\n",
+                Detail::Bypass,
+            );
+        }
         let Some(host) = request_host(request.uri(), request.headers()).map(str::to_owned) else {
             return respond::text(
                 StatusCode::BAD_REQUEST,
@@ -141,15 +152,21 @@ impl Proxy {
             host,
             peer,
         };
-        if let Some(protocol) = headers::upgrade_requested(request.headers()) {
+        let websocket = if request.method() == Method::GET {
+            headers::upgrade_requested(request.headers())
+        } else {
+            None
+        };
+        if let Some(protocol) = websocket {
             let on_client_upgrade = hyper::upgrade::on(&mut request);
             return self
                 .upgrade(request, target, protocol, on_client_upgrade)
                 .await;
         }
         match *request.method() {
-            Method::GET | Method::HEAD => {
-                let (parts, _ignored_body) = request.into_parts();
+            // A GET or HEAD with a body is not what its URL names: pass it through, body and all.
+            Method::GET | Method::HEAD if http_body::Body::is_end_stream(request.body()) => {
+                let (parts, _empty_body) = request.into_parts();
                 self.cached(parts, target).await
             }
             // A reverse proxy is no tunnel: CONNECT would let clients reach arbitrary hosts.
@@ -245,38 +262,80 @@ impl Proxy {
         let inner = &self.0;
         // Two rounds: a follower handed another variant of the URL tries once more (and may lead).
         for _ in 0..2 {
-            match inner.coalescer.join(&target.key) {
+            let follower = match inner.coalescer.join(&target.key) {
                 Join::Leader(permit) => {
-                    return self.lead(parts, &target, stored, permit, fwd).await;
+                    return self.lead_detached(parts, target, stored, permit, fwd).await
                 }
-                Join::Follower(follower) => match follower.wait(inner.config.lock_timeout).await {
-                    Waited::Stored(entry) if entry.matches_variant(&parts.headers) => {
-                        Stats::incr(&inner.stats.coalesced);
-                        let now = inner.clock.now();
+                Join::Follower(follower) => follower,
+            };
+            let waited = follower.wait(inner.config.lock_timeout).await;
+            let now = inner.clock.now();
+            match waited {
+                Waited::Stored(entry) if entry.matches_variant(&parts.headers) => {
+                    Stats::incr(&inner.stats.coalesced);
+                    return respond::from_entry(
+                        &entry,
+                        &parts.headers,
+                        false,
+                        now,
+                        Detail::Coalesced,
+                    );
+                }
+                Waited::Stored(_) => continue,
+                Waited::Failed => {
+                    // The origin just failed the leader: a copy we may serve on error beats asking again.
+                    if let Some(entry) = stored.as_ref().filter(|e| e.may_serve_on_error(now)) {
                         return respond::from_entry(
-                            &entry,
+                            entry,
                             &parts.headers,
                             false,
                             now,
-                            Detail::Coalesced,
+                            Detail::StaleIfError(None),
                         );
                     }
-                    Waited::Stored(_) => continue,
-                    Waited::Released | Waited::TimedOut => break,
-                },
+                    break;
+                }
+                Waited::Released | Waited::TimedOut => break,
             }
         }
-        // The leader's answer was not cacheable, or it took longer than CACHE_LOCK_TIMEOUT.
-        let stored_fwd = if stored.is_some() { Fwd::Stale } else { fwd };
-        self.forward(parts, ProxyBody::empty(), &target, stored, stored_fwd)
+        // The leader's answer was not cacheable, it failed, or it took longer than CACHE_LOCK_TIMEOUT.
+        let fwd = if stored.is_some() { Fwd::Stale } else { fwd };
+        self.forward(parts, ProxyBody::empty(), &target, stored, fwd)
             .await
     }
 
-    /// Goes to the origin for this request alone and stores nothing; a stale entry still covers
-    /// origin failures inside its stale-if-error window.
-    async fn forward(
+    /// Runs the leader's fetch as a task of its own: a client that disconnects or resets its stream
+    /// while the origin is thinking must not cancel the fill its followers wait for.
+    async fn lead_detached(
         &self,
         parts: Parts,
+        target: Target,
+        stored: Option<Arc<Entry>>,
+        permit: FlightPermit,
+        fwd: Fwd,
+    ) -> Response<ProxyBody> {
+        let proxy = self.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let response = proxy.lead(parts, &target, stored, permit, fwd).await;
+            // If the client is gone, the response is dropped here; its fill task keeps storing.
+            let _ = tx.send(response);
+        });
+        rx.await.unwrap_or_else(|_| {
+            respond::text(
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: the origin fetch failed\n",
+                Detail::Miss { stored: false, fwd },
+            )
+        })
+    }
+
+    /// Goes to the origin for this request alone and stores nothing. A stored copy with validators
+    /// lets the origin answer 304 instead of the whole body; one inside its stale-if-error window
+    /// covers origin failures.
+    async fn forward(
+        &self,
+        mut parts: Parts,
         body: ProxyBody,
         target: &Target,
         stored: Option<Arc<Entry>>,
@@ -285,46 +344,58 @@ impl Proxy {
         let inner = &self.0;
         let head = parts.method == Method::HEAD;
         let request_headers = parts.headers.clone();
+        let revalidating = stored
+            .as_ref()
+            .filter(|entry| {
+                parts.method == Method::GET
+                    && entry.has_validators()
+                    && !asks_for_itself(&parts.headers)
+            })
+            .cloned();
+        let plain = revalidating.as_ref().map(|_| fill::copy_parts(&parts));
+        if let Some(entry) = &revalidating {
+            fill::add_validators(&mut parts.headers, entry);
+        }
         let result = self.send_to_origin(parts, body, target).await;
         let now = inner.clock.now();
-        let stale = stored.filter(|e| e.may_serve_on_error(now));
-        let response = match result {
-            Ok(response) if is_origin_failure(response.status()) && stale.is_some() => {
-                let status = response.status();
-                drop(response);
-                let entry = stale.as_deref();
-                entry.map(|e| {
-                    respond::from_entry(
-                        e,
-                        &request_headers,
-                        head,
-                        now,
-                        Detail::StaleIfError(Some(status)),
-                    )
-                })
+        if let (Ok(response), Some(entry), Some(plain)) = (&result, &revalidating, plain) {
+            if response.status() == StatusCode::NOT_MODIFIED {
+                if revalidation_matches(&entry.headers, response.headers()) {
+                    let detail = Detail::Revalidated {
+                        forced: fwd == Fwd::Request,
+                    };
+                    return respond::from_entry(entry, &request_headers, head, now, detail);
+                }
+                // A 304 for some other representation: ask once more, without our validators.
+                return Box::pin(self.forward(plain, ProxyBody::empty(), target, None, fwd)).await;
             }
-            Ok(response) => Some(self.pass_through(response, Detail::Miss { stored: false, fwd })),
-            Err(error) => match stale.as_deref() {
-                Some(entry) => Some(respond::from_entry(
-                    entry,
-                    &request_headers,
-                    head,
-                    now,
-                    Detail::StaleIfError(None),
-                )),
-                None => Some(self.origin_error(error, target)),
-            },
-        };
-        response.unwrap_or_else(|| {
-            respond::text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n", Detail::Bypass)
-        })
+        }
+        let stale = stored.filter(|entry| entry.may_serve_on_error(now));
+        match (result, stale) {
+            (Ok(response), Some(entry)) if is_origin_failure(response.status()) => {
+                let detail = Detail::StaleIfError(Some(response.status()));
+                respond::from_entry(&entry, &request_headers, head, now, detail)
+            }
+            (Ok(response), _) => self.pass_through(response, Detail::Miss { stored: false, fwd }),
+            (Err(_), Some(entry)) => respond::from_entry(
+                &entry,
+                &request_headers,
+                head,
+                now,
+                Detail::StaleIfError(None),
+            ),
+            (Err(error), None) => self.origin_error(error, target),
+        }
     }
 
-    /// Non-GET/HEAD methods: streamed both ways, never cached; a non-error answer to an unsafe method
+    /// Other methods (and GET/HEAD with a body): streamed both ways, never cached; a non-error answer to an unsafe method
     /// invalidates the URL and same-host `Location`/`Content-Location` (RFC 9111 §4.4).
     async fn pass_unsafe(&self, request: Request<Incoming>, target: Target) -> Response<ProxyBody> {
         let (parts, body) = request.into_parts();
-        let unsafe_method = !matches!(parts.method, Method::OPTIONS | Method::TRACE);
+        let unsafe_method = !matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
         let response = match self
             .send_to_origin(parts, ProxyBody::client(body), &target)
             .await
@@ -539,10 +610,24 @@ fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> 
     }
     match directives.max_stale {
         None => false,
-        Some(_) if entry.never_stale => false,
+        Some(_) if !entry.honours_max_stale => false,
         Some(None) => true,
         Some(Some(limit)) => entry.staleness(now).as_secs() <= limit,
     }
+}
+
+/// The request is conditional or partial on its own account: its answer is the origin's to give.
+fn asks_for_itself(headers: &http::HeaderMap) -> bool {
+    [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name))
 }
 
 /// 500, 502, 503 and 504: the answers stale-if-error may hide.

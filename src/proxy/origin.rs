@@ -44,8 +44,9 @@ impl Origin {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()?
             .https_or_http()
+            // HTTP/1.1 only: over h2 the origin would see `:authority` (ORIGIN_URL's host) and a
+            // different `Host` (the client's), which RFC 9113 §8.3.1 forbids and servers route apart.
             .enable_http1()
-            .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())

@@ -103,7 +103,8 @@ pub fn mark(headers: &mut HeaderMap, detail: Detail, ttl: Option<i64>) {
         X_CACHE,
         HeaderValue::from_static(detail.cache_status().as_str()),
     );
-    headers.insert(CACHE_STATUS, detail.header_value(ttl));
+    // RFC 9211: each cache appends its own member; those of caches nearer the origin stay first.
+    headers.append(CACHE_STATUS, detail.header_value(ttl));
 }
 
 /// Fields a 304 carries (RFC 9110 §15.4.5).
