@@ -8,11 +8,38 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 warn() { printf 'tests/run.sh: warning: %s\n' "$*" >&2; }
 
-# System packages the suite needs. redis-server/redis-tools: real Redis peers for the L2 tests of later
-# milestones (harmless before). gcc/libc6-dev: `ring` compiles C and rustc links through `cc`.
+# System packages the suite needs. redis-server/redis-tools: real Redis peers for the L2 tests.
+# gcc/libc6-dev: `ring` compiles C and rustc links through `cc`.
+# As root they are installed with apt-get. Otherwise Debian's Redis packages are downloaded (no root
+# needed) and unpacked under target/test-deps, which is put on PATH for the tests.
+redis_local="$PWD/target/test-deps/redis"
+install_redis_locally() {
+    local tmp
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -qq redis-tools redis-server libjemalloc2 liblzf1 >/dev/null 2>&1); then
+        mkdir -p "$redis_local"
+        for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$redis_local"; done
+    else
+        warn "could not download Redis packages; L2 tests will fail"
+    fi
+    rm -rf "$tmp"
+}
+
 missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server redis-tools)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]]; then
+        missing+=(redis-server redis-tools)
+    elif [[ ! -x "$redis_local/usr/bin/redis-server" ]] && command -v apt-get >/dev/null 2>&1; then
+        install_redis_locally
+    fi
+fi
+if [[ -x "$redis_local/usr/bin/redis-server" ]]; then
+    export PATH="$redis_local/usr/bin:$PATH"
+    for libdir in "$redis_local"/usr/lib/*-linux-gnu; do
+        export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+fi
 
 if ((${#missing[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -37,4 +64,5 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 127
 fi
 
+command -v redis-server >/dev/null 2>&1 && echo "tests/run.sh: using $(redis-server --version | cut -d' ' -f1-3)"
 exec cargo test --locked --all-targets "$@"
