@@ -206,9 +206,7 @@ pub fn admit(
     let (mut response, ()) = Response::new(()).into_parts();
     response.status = status;
     response.headers = headers.clone();
-    // http-cache-semantics gives a shared cache zero freshness for proxy-revalidate; RFC 9111
-    // §5.2.2.8 only forbids serving it stale, which `never_stale` below takes care of.
-    remove_directive(&mut response.headers, "proxy-revalidate");
+    normalize_for_policy(&mut response.headers);
     let policy = CachePolicy::new_options(request, &response, now, cache_options());
     let lifetime = assess(&policy, headers, now, config)?;
     let directives = ResponseDirectives::parse(headers);
@@ -233,22 +231,34 @@ pub fn admit(
     })
 }
 
-/// Rewrites `Cache-Control` without one directive (only when it is there).
-fn remove_directive(headers: &mut HeaderMap, directive: &str) {
-    if !directives(headers.get_all(header::CACHE_CONTROL)).any(|(name, _)| name == directive) {
+/// Rewrites `Cache-Control` where http-cache-semantics departs from RFC 9111 (only when needed):
+/// - `proxy-revalidate` is dropped: the crate makes such a response never fresh for a shared cache,
+///   while §5.2.2.8 only forbids serving it stale (`never_stale` takes care of that);
+/// - an over-large `max-age`/`s-maxage` becomes 2^31: the crate reads it as 0, §1.2.2 says 2^31.
+fn normalize_for_policy(headers: &mut HeaderMap) {
+    let oversized = |name: &str, value: Option<&str>| {
+        matches!(name, "max-age" | "s-maxage")
+            && value.is_some_and(|v| {
+                !v.is_empty()
+                    && v.bytes().all(|b| b.is_ascii_digit())
+                    && v.parse::<u64>().map_or(true, |n| n > MAX_DELTA_SECONDS)
+            })
+    };
+    let needed = directives(headers.get_all(header::CACHE_CONTROL))
+        .any(|(name, value)| name == "proxy-revalidate" || oversized(&name, value));
+    if !needed {
         return;
     }
-    let kept: Vec<String> = headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|part| !part.is_empty() && !part.eq_ignore_ascii_case(directive))
-        .map(str::to_owned)
+    let parts: Vec<String> = directives(headers.get_all(header::CACHE_CONTROL))
+        .filter(|(name, _)| name != "proxy-revalidate")
+        .map(|(name, value)| match value {
+            _ if oversized(&name, value) => format!("{name}={MAX_DELTA_SECONDS}"),
+            Some(value) => format!("{name}={value}"),
+            None => name,
+        })
         .collect();
     headers.remove(header::CACHE_CONTROL);
-    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+    if let Ok(value) = HeaderValue::from_str(&parts.join(", ")) {
         headers.insert(header::CACHE_CONTROL, value);
     }
 }
@@ -450,6 +460,23 @@ mod tests {
         assert_eq!(seconds(Some("-1")), None);
         let now = SystemTime::now();
         assert!(later(now, Duration::MAX) > now);
+    }
+
+    #[test]
+    fn policy_sees_capped_max_age_and_no_proxy_revalidate() {
+        let mut h = headers(&[(
+            "cache-control",
+            "public, max-age=99999999999999999999999, proxy-revalidate",
+        )]);
+        normalize_for_policy(&mut h);
+        assert_eq!(
+            h.get(header::CACHE_CONTROL),
+            Some(&HeaderValue::from_static("public, max-age=2147483648"))
+        );
+        let mut untouched =
+            headers(&[("cache-control", "max-age=60"), ("cache-control", "public")]);
+        normalize_for_policy(&mut untouched);
+        assert_eq!(untouched.get_all(header::CACHE_CONTROL).iter().count(), 2);
     }
 
     #[test]

@@ -860,7 +860,13 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Resp {
 
 /// GET over HTTP/2 with prior knowledge (h2c).
 pub async fn h2_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
-    within(&format!("h2c GET {path}"), CLIENT_TIMEOUT, async {
+    h2_get_url(addr, &format!("http://{addr}{path}"), headers).await
+}
+
+/// GET over HTTP/2 with prior knowledge (h2c), connecting to `addr` but sending `url` as the
+/// request target: its authority becomes `:authority` (e.g. `http://a.test/x`).
+pub async fn h2_get_url(addr: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Resp {
+    within(&format!("h2c GET {url}"), CLIENT_TIMEOUT, async {
         let stream = TcpStream::connect(addr).await.unwrap();
         let (mut send, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -869,12 +875,12 @@ pub async fn h2_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> R
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut req = build_request("GET", &format!("http://{addr}{path}"), headers, empty());
+        let mut req = build_request("GET", url, headers, empty());
         *req.version_mut() = Version::HTTP_2;
         let resp = send
             .send_request(req)
             .await
-            .unwrap_or_else(|e| panic!("h2c GET {path}: {e:?}"));
+            .unwrap_or_else(|e| panic!("h2c GET {url}: {e:?}"));
         collect(resp).await
     })
     .await
