@@ -23,6 +23,14 @@ pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
 pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
+pub const REDIS_URL: &str = "REDIS_URL";
+pub const REDIS_ENABLED: &str = "REDIS_ENABLED";
+pub const REDIS_ADDR: &str = "REDIS_ADDR";
+pub const REDIS_PASSWORD: &str = "REDIS_PASSWORD";
+pub const REDIS_DB: &str = "REDIS_DB";
+pub const REDIS_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
+pub const REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
+pub const REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
 
 /// Raw settings as clap sees them: strings, validated by [`Config::from_raw`].
 #[derive(Debug, Clone, Parser)]
@@ -67,6 +75,31 @@ pub struct RawArgs {
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `strata=debug,info`.
     #[arg(long, env = RUST_LOG, value_name = RUST_LOG, default_value = "info")]
     pub rust_log: String,
+    /// Redis L2: redis://, rediss://, redis-sentinel://...?sentinelServiceName=..., redis-cluster://.
+    /// Unset: L1 only (unless REDIS_ENABLED).
+    #[arg(long, env = REDIS_URL, value_name = REDIS_URL, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Without REDIS_URL: use Redis at REDIS_ADDR (seed-compatible form).
+    #[arg(long, env = REDIS_ENABLED, value_name = REDIS_ENABLED, default_value = "false")]
+    pub redis_enabled: String,
+    /// host:port of Redis when REDIS_ENABLED=true and REDIS_URL is unset.
+    #[arg(long, env = REDIS_ADDR, value_name = REDIS_ADDR, default_value = "127.0.0.1:6379")]
+    pub redis_addr: String,
+    /// Password for REDIS_ADDR.
+    #[arg(long, env = REDIS_PASSWORD, value_name = REDIS_PASSWORD, hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Database number for REDIS_ADDR.
+    #[arg(long, env = REDIS_DB, value_name = REDIS_DB, default_value = "0")]
+    pub redis_db: String,
+    /// Prefix of every Redis key Strata writes, so deployments can share a Redis.
+    #[arg(long, env = REDIS_KEY_PREFIX, value_name = REDIS_KEY_PREFIX, default_value = "strata:")]
+    pub redis_key_prefix: String,
+    /// Deadline of every Redis call; past it the call counts as a miss.
+    #[arg(long, env = REDIS_TIMEOUT, value_name = REDIS_TIMEOUT, default_value = "50ms")]
+    pub redis_timeout: String,
+    /// Connections to Redis.
+    #[arg(long, env = REDIS_POOL_SIZE, value_name = REDIS_POOL_SIZE, default_value = "4")]
+    pub redis_pool_size: String,
 }
 
 /// The typed, validated configuration.
@@ -84,6 +117,30 @@ pub struct Config {
     pub origin_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    /// `None`: no L2.
+    pub redis: Option<RedisConfig>,
+}
+
+/// The Redis L2 settings.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// Where Redis is: one or more stores (comma-separated `REDIS_URL`), in priority order.
+    pub stores: Vec<fred::types::config::Config>,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    // Store configs carry passwords: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("stores", &self.stores.len())
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +187,14 @@ const FLAGS: &[(&str, &str)] = &[
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (LOG_FORMAT, "--log-format"),
     (RUST_LOG, "--rust-log"),
+    (REDIS_URL, "--redis-url"),
+    (REDIS_ENABLED, "--redis-enabled"),
+    (REDIS_ADDR, "--redis-addr"),
+    (REDIS_PASSWORD, "--redis-password"),
+    (REDIS_DB, "--redis-db"),
+    (REDIS_KEY_PREFIX, "--redis-key-prefix"),
+    (REDIS_TIMEOUT, "--redis-timeout"),
+    (REDIS_POOL_SIZE, "--redis-pool-size"),
 ];
 
 impl Config {
@@ -157,7 +222,9 @@ impl Config {
 
     /// Validates clap's raw strings.
     pub fn from_raw(raw: RawArgs) -> Result<Config, ConfigError> {
+        let redis = parse_redis(&raw)?;
         Ok(Config {
+            redis,
             origin: parse_origin(&raw.origin_url)?,
             listen_addr: parse_addr(LISTEN_ADDR, &raw.listen_addr)?,
             admin_addr: parse_addr(ADMIN_ADDR, &raw.admin_addr)?,
@@ -197,6 +264,92 @@ impl Config {
             },
         })
     }
+}
+
+fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(ConfigError::invalid(var, value, "expected true or false")),
+    }
+}
+
+/// `REDIS_URL` (one or more comma-separated stores), else the seed-compatible `REDIS_ENABLED` +
+/// `REDIS_ADDR`/`REDIS_PASSWORD`/`REDIS_DB`, else no L2.
+fn parse_redis(raw: &RawArgs) -> Result<Option<RedisConfig>, ConfigError> {
+    let stores = if let Some(urls) = raw.redis_url.as_deref().filter(|u| !u.trim().is_empty()) {
+        urls.split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                const SCHEMES: [&str; 6] = [
+                    "redis",
+                    "rediss",
+                    "redis-sentinel",
+                    "rediss-sentinel",
+                    "redis-cluster",
+                    "rediss-cluster",
+                ];
+                let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+                if !SCHEMES.contains(&scheme) {
+                    return Err(ConfigError::invalid(
+                        REDIS_URL,
+                        "<redacted>",
+                        format!("scheme {scheme:?} is not one of {}", SCHEMES.join(", ")),
+                    ));
+                }
+                fred::types::config::Config::from_url(url).map_err(|e| {
+                    // The message must not echo a password: name the scheme, not the URL.
+                    let scheme = url.split("://").next().unwrap_or("");
+                    ConfigError::invalid(
+                        REDIS_URL,
+                        "<redacted>",
+                        format!("not a Redis URL (scheme {scheme:?}): {}", e.details()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else if parse_bool(REDIS_ENABLED, &raw.redis_enabled)? {
+        let (host, port) = raw
+            .redis_addr
+            .rsplit_once(':')
+            .and_then(|(host, port)| {
+                Some((host.trim_matches(['[', ']']), port.parse::<u16>().ok()?))
+            })
+            .filter(|(host, _)| !host.is_empty())
+            .ok_or_else(|| {
+                ConfigError::invalid(REDIS_ADDR, &raw.redis_addr, "expected host:port")
+            })?;
+        let database = raw.redis_db.trim().parse::<u8>().map_err(|_| {
+            ConfigError::invalid(REDIS_DB, &raw.redis_db, "expected a database number 0-255")
+        })?;
+        vec![fred::types::config::Config {
+            server: fred::types::config::ServerConfig::new_centralized(host, port),
+            password: raw.redis_password.clone().filter(|p| !p.is_empty()),
+            database: Some(database),
+            ..Default::default()
+        }]
+    } else {
+        return Ok(None);
+    };
+    if stores.is_empty() {
+        return Err(ConfigError::invalid(REDIS_URL, "", "no store given"));
+    }
+    let pool_size = raw
+        .redis_pool_size
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| {
+            ConfigError::invalid(REDIS_POOL_SIZE, &raw.redis_pool_size, "expected 1 to 64")
+        })?;
+    Ok(Some(RedisConfig {
+        stores,
+        key_prefix: raw.redis_key_prefix.clone(),
+        timeout: parse_positive_duration(REDIS_TIMEOUT, &raw.redis_timeout)?,
+        pool_size,
+    }))
 }
 
 fn parse_origin(value: &str) -> Result<Uri, ConfigError> {
@@ -304,6 +457,34 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("ORIGIN_URL"), "{err}");
+    }
+
+    #[test]
+    fn redis_settings() {
+        let c = Config::from_vars([
+            ("ORIGIN_URL", "http://o"),
+            ("REDIS_URL", "redis://127.0.0.1:7000/2"),
+        ]);
+        let redis = c.ok().and_then(|c| c.redis);
+        assert_eq!(redis.as_ref().map(|r| r.stores.len()), Some(1));
+        assert_eq!(
+            redis.as_ref().map(|r| r.key_prefix.as_str()),
+            Some("strata:")
+        );
+        assert_eq!(redis.map(|r| r.timeout), Some(Duration::from_millis(50)));
+        let c = Config::from_vars([
+            ("ORIGIN_URL", "http://o"),
+            ("REDIS_ENABLED", "true"),
+            ("REDIS_ADDR", "cache:6380"),
+        ]);
+        assert!(c.is_ok_and(|c| c.redis.is_some()));
+        let err = Config::from_vars([("ORIGIN_URL", "http://o"), ("REDIS_URL", "ftp://x")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("REDIS_URL"), "{err}");
+        let none = Config::from_vars([("ORIGIN_URL", "http://o")]);
+        assert!(none.is_ok_and(|c| c.redis.is_none()));
     }
 
     #[test]

@@ -57,6 +57,13 @@ pub struct StatsSnapshot {
     pub l1_entries: u64,
     pub l1_capacity_bytes: u64,
     pub l1_evictions: u64,
+    pub l2_errors: u64,
+    pub l2_timeouts: u64,
+    pub l2_writes: u64,
+    pub l2_dropped_writes: u64,
+    pub l2_corrupt: u64,
+    /// 1 while every Redis store is being skipped by its circuit breaker.
+    pub l2_breaker_open: u64,
 }
 
 impl Stats {

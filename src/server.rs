@@ -17,6 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::admin;
 use crate::proxy::Proxy;
 
+/// How long start-up waits for Redis before serving degraded (L1 + origin).
+const L2_STARTUP_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Serves traffic and admin until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     proxy: Proxy,
@@ -33,6 +36,8 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    // Connections wait in the listen backlog meanwhile; a Redis that is down costs start-up this long.
+    proxy.await_l2_startup(L2_STARTUP_PATIENCE).await;
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
@@ -83,6 +88,8 @@ pub async fn serve(
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("SHUTDOWN_TIMEOUT passed; closing remaining connections"),
     }
+    // Queued L2 writes are worth a moment: the next instance starts warm from them.
+    let _ = tokio::time::timeout(L2_STARTUP_PATIENCE, proxy.flush_l2()).await;
     Ok(())
 }
 

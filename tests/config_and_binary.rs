@@ -230,3 +230,32 @@ fn from_vars_defaults_and_sizes() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.cache_size_bytes, 0);
 }
+
+#[test]
+fn bad_redis_url_exits_2_naming_it() {
+    let origin = refused_url();
+    let stderr = expect_exit_2(&[("ORIGIN_URL", &origin), ("REDIS_URL", "ftp://x")]);
+    assert!(stderr.contains("REDIS_URL"), "stderr: {stderr}");
+}
+
+#[test]
+fn from_vars_rejects_bad_redis_settings_naming_them() {
+    let cases: [(&str, &str); 5] = [
+        ("REDIS_URL", "ftp://x"),
+        ("REDIS_URL", "not a url"),
+        ("REDIS_DB", "abc"),
+        ("REDIS_TIMEOUT", "soon"),
+        ("REDIS_POOL_SIZE", "many"),
+    ];
+    for (name, value) in cases {
+        let vars = [
+            ("ORIGIN_URL", "http://o"),
+            ("REDIS_ENABLED", "true"),
+            (name, value),
+        ];
+        match Config::from_vars(vars) {
+            Ok(_) => panic!("{name}={value:?} accepted"),
+            Err(e) => assert!(e.to_string().contains(name), "{name}={value:?}: {e}"),
+        }
+    }
+}

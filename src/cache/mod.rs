@@ -2,9 +2,11 @@
 //!
 //! Nothing here knows about hyper's server side; the proxy asks this module what to do.
 
+pub mod codec;
 pub mod entry;
 pub mod key;
 pub mod l1;
+pub mod l2;
 pub mod policy;
 pub mod tiered;
 

@@ -1,35 +1,59 @@
-//! The tiered cache the proxy talks to: lookup and fill across tiers (today L1; the Redis L2 joins
-//! here), with `Vary` variants stored side by side under one URL.
+//! The tiered cache the proxy talks to: lookup and fill across L1 (RAM) and L2 (Redis), with
+//! `Vary` variants stored side by side under one URL in both tiers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
 use super::entry::Entry;
 use super::key::variant_key;
 use super::l1::{Slot, VaryRecord, L1};
+use super::l2::L2;
 use super::PurgeReason;
+use crate::config::Config;
+
+/// A vary record outlives its variants in L2 by at least this much: it is tiny, and a record that
+/// expired first would hide variants that are still good.
+const VARY_RECORD_MIN_TTL: Duration = Duration::from_secs(3600);
 
 pub struct Cache {
     l1: L1,
-    /// Source of vary-record nonces; see [`variant_key`].
+    l2: Option<Arc<L2>>,
+    /// Source of vary-record nonces; see [`variant_key`]. Seeded per process so that instances
+    /// sharing an L2 do not hand out the same nonces.
     next_nonce: AtomicU64,
 }
 
+/// Where a response for a URL is kept: the key of the entry, and the vary record when it varies.
+struct Placement {
+    storage_key: String,
+    record: Option<Arc<VaryRecord>>,
+}
+
 impl Cache {
-    pub fn new(capacity_bytes: u64, max_object_bytes: u64) -> Cache {
-        Cache {
-            l1: L1::new(capacity_bytes, max_object_bytes),
-            next_nonce: AtomicU64::new(1),
-        }
+    pub fn new(config: &Config) -> Result<Cache, fred::error::Error> {
+        let l2 = match &config.redis {
+            Some(redis) => Some(L2::start(redis, config.max_object_bytes)?),
+            None => None,
+        };
+        Ok(Cache {
+            l1: L1::new(config.cache_size_bytes, config.max_object_bytes),
+            l2,
+            next_nonce: AtomicU64::new(nonce_seed()),
+        })
     }
 
     pub fn l1(&self) -> &L1 {
         &self.l1
     }
 
-    /// The stored response for this URL that matches the request's selecting headers, if any.
+    pub fn l2(&self) -> Option<&Arc<L2>> {
+        self.l2.as_ref()
+    }
+
+    /// The L1 response for this URL that matches the request's selecting headers, if any.
     #[inline]
     pub fn lookup(&self, key: &str, request_headers: &HeaderMap) -> Option<Arc<Entry>> {
         match self.l1.get(key)? {
@@ -44,40 +68,127 @@ impl Cache {
         }
     }
 
-    /// Stores a response for the URL `key`, as a variant when it carries `Vary`.
-    pub fn store(&self, key: &str, entry: Arc<Entry>, request_headers: &HeaderMap) {
-        if !self.l1.enabled() {
-            return;
-        }
-        if entry.variant.is_empty() {
-            self.l1.insert(key.to_string(), Slot::Entry(entry));
-            return;
-        }
-        let names: Vec<_> = entry.variant.iter().map(|(name, _)| name.clone()).collect();
-        let nonce = match self.l1.get(key) {
-            Some(Slot::Vary(record)) if record.names == names => record.nonce,
-            _ => {
-                let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
-                let record = VaryRecord {
-                    names: names.clone(),
-                    nonce,
-                };
-                self.l1
-                    .insert(key.to_string(), Slot::Vary(Arc::new(record)));
-                nonce
+    /// The L2 response for this URL, promoted into L1 when found.
+    pub async fn lookup_l2(&self, key: &str, request_headers: &HeaderMap) -> Option<Arc<Entry>> {
+        let l2 = self.l2.as_ref()?;
+        match l2.get(key).await? {
+            Slot::Entry(entry) if entry.variant.is_empty() => {
+                self.l1.insert(key.to_string(), Slot::Entry(entry.clone()));
+                Some(entry)
             }
-        };
-        let variant = variant_key(key, nonce, &names, request_headers);
-        self.l1.insert(variant, Slot::Entry(entry));
+            Slot::Entry(_) => None,
+            Slot::Vary(record) => {
+                let variant = variant_key(key, record.nonce, &record.names, request_headers);
+                let Slot::Entry(entry) = l2.get(&variant).await? else {
+                    return None;
+                };
+                if !entry.matches_variant(request_headers) {
+                    return None;
+                }
+                let same_record = matches!(self.l1.get(key), Some(Slot::Vary(local)) if local.nonce == record.nonce);
+                if !same_record {
+                    self.l1.insert(key.to_string(), Slot::Vary(record));
+                }
+                self.l1.insert(variant, Slot::Entry(entry.clone()));
+                Some(entry)
+            }
+        }
     }
 
-    /// Removes every stored response for the URL `key` (all its variants). Returns whether anything
-    /// was there.
+    /// Stores a response for the URL `key` in L1 now and queues it for L2 (off the response path).
+    pub fn store(
+        &self,
+        key: &str,
+        entry: Arc<Entry>,
+        request_headers: &HeaderMap,
+        now: SystemTime,
+    ) {
+        let placement = self.store_l1(key, &entry, request_headers);
+        let Some(l2) = &self.l2 else { return };
+        let ttl = entry
+            .useless_after()
+            .duration_since(now)
+            .unwrap_or_default();
+        if let Some(record) = placement.record {
+            l2.put(
+                key.to_string(),
+                Slot::Vary(record),
+                ttl.max(VARY_RECORD_MIN_TTL),
+            );
+        }
+        l2.put(placement.storage_key, Slot::Entry(entry), ttl);
+    }
+
+    /// Like [`Cache::store`], but waits for the L2 write: a fill that holds the fleet-wide lock
+    /// publishes its result before releasing it.
+    pub async fn store_now(
+        &self,
+        key: &str,
+        entry: Arc<Entry>,
+        request_headers: &HeaderMap,
+        now: SystemTime,
+    ) {
+        let placement = self.store_l1(key, &entry, request_headers);
+        let Some(l2) = &self.l2 else { return };
+        let ttl = entry
+            .useless_after()
+            .duration_since(now)
+            .unwrap_or_default();
+        if ttl.is_zero() {
+            return;
+        }
+        if let Some(record) = placement.record {
+            l2.put_now(key, &Slot::Vary(record), ttl.max(VARY_RECORD_MIN_TTL))
+                .await;
+        }
+        l2.put_now(&placement.storage_key, &Slot::Entry(entry), ttl)
+            .await;
+    }
+
+    fn store_l1(&self, key: &str, entry: &Arc<Entry>, request_headers: &HeaderMap) -> Placement {
+        if entry.variant.is_empty() {
+            self.l1.insert(key.to_string(), Slot::Entry(entry.clone()));
+            return Placement {
+                storage_key: key.to_string(),
+                record: None,
+            };
+        }
+        let names: Vec<_> = entry.variant.iter().map(|(name, _)| name.clone()).collect();
+        let record = match self.l1.get(key) {
+            Some(Slot::Vary(record)) if record.names == names => record,
+            _ => {
+                let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
+                let record = Arc::new(VaryRecord { names, nonce });
+                self.l1.insert(key.to_string(), Slot::Vary(record.clone()));
+                record
+            }
+        };
+        let storage_key = variant_key(key, record.nonce, &record.names, request_headers);
+        self.l1
+            .insert(storage_key.clone(), Slot::Entry(entry.clone()));
+        Placement {
+            storage_key,
+            record: Some(record),
+        }
+    }
+
+    /// Removes every stored response for the URL `key` (all its variants) from L1 and L2. Returns
+    /// whether L1 had anything.
     pub fn purge(&self, key: &str, reason: PurgeReason) -> bool {
         let removed = self.l1.remove(key);
+        if let Some(l2) = &self.l2 {
+            l2.delete(key);
+        }
         if removed {
-            tracing::debug!(?reason, "purged from L1");
+            tracing::debug!(?reason, "purged");
         }
         removed
     }
+}
+
+fn nonce_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
 }

@@ -24,9 +24,51 @@ use super::body::{BoxError, ChannelItem, IdleTimeout, ProxyBody};
 use super::respond::{self, Detail, Fwd};
 use super::{headers, is_origin_failure, Proxy, Target};
 use crate::cache::entry::{detach_body, Admission};
+use crate::cache::l2::{Lock, LockToken, L2};
 use crate::cache::policy::{admit, forbids_storing, merge_not_modified, revalidation_matches};
 use crate::cache::{Entry, PurgeReason};
 use crate::coalesce::FlightPermit;
+
+/// How often an instance waiting for another instance's fill looks in L2.
+const FLEET_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The fleet-wide fill lock, when this fill holds one. Released explicitly after the result is in
+/// L2; a fill that ends any other way drops it, and the drop releases it in the background.
+pub(super) struct FleetLock {
+    held: Option<(Arc<L2>, LockToken)>,
+}
+
+impl FleetLock {
+    fn none() -> Self {
+        FleetLock { held: None }
+    }
+
+    fn held(l2: Arc<L2>, token: LockToken) -> Self {
+        FleetLock {
+            held: Some((l2, token)),
+        }
+    }
+
+    fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    async fn release(mut self) {
+        if let Some((l2, token)) = self.held.take() {
+            l2.unlock(token).await;
+        }
+    }
+}
+
+impl Drop for FleetLock {
+    fn drop(&mut self) {
+        if let Some((l2, token)) = self.held.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { l2.unlock(token).await });
+            }
+        }
+    }
+}
 
 /// Chunks buffered between the fill task and a slow client before the origin read waits.
 const CLIENT_CHANNEL_CHUNKS: usize = 16;
@@ -42,13 +84,94 @@ const CLIENT_ONLY: [header::HeaderName; 6] = [
 ];
 
 impl Proxy {
+    /// The leader's work. With an L2: a fresh copy another instance stored answers at once
+    /// (`HIT-L2`); otherwise the fleet-wide lock decides which instance goes to the origin, and the
+    /// others wait for its result in L2.
     pub(super) async fn lead(
+        &self,
+        parts: Parts,
+        target: &Target,
+        mut stored: Option<Arc<Entry>>,
+        permit: FlightPermit,
+        fwd: Fwd,
+    ) -> Response<ProxyBody> {
+        let inner = &self.0;
+        let Some(l2) = inner.cache.l2().cloned() else {
+            return self
+                .fetch_as_leader(parts, target, stored, permit, fwd, FleetLock::none())
+                .await;
+        };
+        // A request's own no-cache wants the origin's word, not another instance's copy.
+        if fwd != Fwd::Request {
+            if let Some(found) = inner.cache.lookup_l2(&target.key, &parts.headers).await {
+                let now = inner.clock.now();
+                if found.is_fresh(now) {
+                    permit.complete(found.clone());
+                    return respond::from_entry(&found, &parts.headers, false, now, Detail::HitL2);
+                }
+                // Stale in L2 too: still good for revalidation and stale-if-error, if newer than ours.
+                if stored
+                    .as_ref()
+                    .is_none_or(|own| found.response_time > own.response_time)
+                {
+                    stored = Some(found);
+                }
+            }
+        }
+        let lock = match l2.lock(&target.key, inner.config.lock_timeout).await {
+            Lock::Acquired(token) => FleetLock::held(l2.clone(), token),
+            Lock::Unavailable => FleetLock::none(),
+            Lock::Held => {
+                let newer_than = stored.as_ref().map(|entry| entry.response_time);
+                if let Some(entry) = self
+                    .await_fleet_fill(&l2, target, &parts.headers, newer_than)
+                    .await
+                {
+                    let now = inner.clock.now();
+                    permit.complete(entry.clone());
+                    return respond::from_entry(&entry, &parts.headers, false, now, Detail::HitL2);
+                }
+                // The other instance stored nothing usable (or took too long): fetch ourselves.
+                FleetLock::none()
+            }
+        };
+        self.fetch_as_leader(parts, target, stored, permit, fwd, lock)
+            .await
+    }
+
+    /// Another instance holds the fill lock: poll L2 for its result until the lock goes away or
+    /// `CACHE_LOCK_TIMEOUT` passes.
+    async fn await_fleet_fill(
+        &self,
+        l2: &L2,
+        target: &Target,
+        request_headers: &http::HeaderMap,
+        newer_than: Option<std::time::SystemTime>,
+    ) -> Option<Arc<Entry>> {
+        let inner = &self.0;
+        let deadline = Instant::now() + inner.config.lock_timeout;
+        loop {
+            tokio::time::sleep(FLEET_POLL).await;
+            if let Some(entry) = inner.cache.lookup_l2(&target.key, request_headers).await {
+                let newer = newer_than.is_none_or(|t| entry.response_time > t);
+                if newer && entry.is_fresh(inner.clock.now()) {
+                    return Some(entry);
+                }
+            }
+            if Instant::now() >= deadline || l2.is_locked(&target.key).await != Some(true) {
+                return None;
+            }
+        }
+    }
+
+    async fn fetch_as_leader(
         &self,
         parts: Parts,
         target: &Target,
         stored: Option<Arc<Entry>>,
         permit: FlightPermit,
         fwd: Fwd,
+        lock: FleetLock,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
         let policy_request = policy_request(&parts, &target.host);
@@ -108,15 +231,18 @@ impl Proxy {
         if status == StatusCode::NOT_MODIFIED {
             if let Some(entry) = revalidating {
                 if revalidation_matches(&entry.headers, &response_parts.headers) {
-                    return self.revalidated(
-                        &parts,
-                        &policy_request,
-                        target,
-                        &entry,
-                        &response_parts.headers,
-                        permit,
-                        fwd,
-                    );
+                    return self
+                        .revalidated(
+                            &parts,
+                            &policy_request,
+                            target,
+                            &entry,
+                            &response_parts.headers,
+                            permit,
+                            fwd,
+                            lock,
+                        )
+                        .await;
                 }
                 // A 304 for some other representation: ask again without validators, store nothing.
                 permit.release();
@@ -171,7 +297,7 @@ impl Proxy {
             admission,
             response_time: now,
         };
-        tokio::spawn(fill.run(body, tx, permit));
+        tokio::spawn(fill.run(body, tx, permit, lock));
 
         headers::to_client(&mut response_parts.headers);
         let stored = inner.cache.l1().enabled();
@@ -186,7 +312,7 @@ impl Proxy {
     /// The origin confirmed the stored copy (304): update its headers and freshness, store it again
     /// and answer the client with the full response.
     #[allow(clippy::too_many_arguments)]
-    fn revalidated(
+    async fn revalidated(
         &self,
         parts: &Parts,
         policy_request: &Parts,
@@ -195,6 +321,7 @@ impl Proxy {
         not_modified: &http::HeaderMap,
         permit: FlightPermit,
         fwd: Fwd,
+        lock: FleetLock,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
         let now = inner.clock.now();
@@ -211,7 +338,8 @@ impl Proxy {
                     now,
                     admission,
                 ));
-                self.settle(&target.key, &entry, &parts.headers, permit);
+                self.settle(&target.key, &entry, &parts.headers, permit, lock)
+                    .await;
                 respond::from_entry(&entry, &parts.headers, false, now, detail)
             }
             Err(_) => {
@@ -225,16 +353,27 @@ impl Proxy {
 
 impl Proxy {
     /// Stores a fill's result and hands it to the followers, unless an invalidation overtook it.
-    /// Store first, check second (see [`FlightPermit::is_invalidated`]).
-    fn settle(
+    /// Store first, check second (see [`FlightPermit::is_invalidated`]). A fill holding the
+    /// fleet-wide lock writes L2 before releasing it, so waiting instances find the result.
+    async fn settle(
         &self,
         key: &str,
         entry: &Arc<Entry>,
         request_headers: &http::HeaderMap,
         permit: FlightPermit,
+        lock: FleetLock,
     ) {
         let inner = &self.0;
-        inner.cache.store(key, entry.clone(), request_headers);
+        let now = inner.clock.now();
+        if lock.is_held() {
+            inner
+                .cache
+                .store_now(key, entry.clone(), request_headers, now)
+                .await;
+        } else {
+            inner.cache.store(key, entry.clone(), request_headers, now);
+        }
+        lock.release().await;
         if permit.is_invalidated() {
             inner.cache.purge(key, PurgeReason::Invalidation);
             permit.release();
@@ -259,7 +398,13 @@ struct Fill {
 }
 
 impl Fill {
-    async fn run(self, mut body: Incoming, tx: mpsc::Sender<ChannelItem>, permit: FlightPermit) {
+    async fn run(
+        self,
+        mut body: Incoming,
+        tx: mpsc::Sender<ChannelItem>,
+        permit: FlightPermit,
+        lock: FleetLock,
+    ) {
         let inner = &self.proxy.0;
         let idle = inner.origin.timeout();
         let max = inner.config.max_object_bytes;
@@ -323,7 +468,8 @@ impl Fill {
                 self.admission,
             ));
             self.proxy
-                .settle(&self.key, &entry, &self.request_headers, permit);
+                .settle(&self.key, &entry, &self.request_headers, permit, lock)
+                .await;
         }
         client.finish().await;
     }

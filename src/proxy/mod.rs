@@ -39,6 +39,8 @@ use respond::{Detail, Fwd};
 pub enum StartError {
     #[error("cannot build the origin client: {0}")]
     OriginClient(#[from] std::io::Error),
+    #[error("cannot build the Redis client: {0}")]
+    Redis(#[from] fred::error::Error),
 }
 
 pub(crate) struct Inner {
@@ -64,7 +66,7 @@ pub(crate) struct Target {
 impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, StartError> {
         let origin = Origin::new(&config)?;
-        let cache = Cache::new(config.cache_size_bytes, config.max_object_bytes);
+        let cache = Cache::new(&config)?;
         Ok(Proxy(Arc::new(Inner {
             cache,
             coalescer: Coalescer::new(),
@@ -91,7 +93,32 @@ impl Proxy {
         snapshot.l1_entries = l1.len();
         snapshot.l1_capacity_bytes = l1.capacity();
         snapshot.l1_evictions = l1.evictions();
+        if let Some(l2) = self.0.cache.l2() {
+            let get =
+                |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            snapshot.l2_errors = get(&l2.stats.errors);
+            snapshot.l2_timeouts = get(&l2.stats.timeouts);
+            snapshot.l2_writes = get(&l2.stats.writes);
+            snapshot.l2_dropped_writes = get(&l2.stats.dropped_writes);
+            snapshot.l2_corrupt = get(&l2.stats.corrupt);
+            snapshot.l2_breaker_open = u64::from(l2.breaker_open());
+        }
         snapshot
+    }
+
+    /// Gives Redis a moment to connect before traffic is served (at most `patience`); Strata serves
+    /// either way.
+    pub async fn await_l2_startup(&self, patience: std::time::Duration) {
+        if let Some(l2) = self.0.cache.l2() {
+            l2.await_startup(patience).await;
+        }
+    }
+
+    /// Waits until every queued L2 write has been attempted (tests, and a clean shutdown).
+    pub async fn flush_l2(&self) {
+        if let Some(l2) = self.0.cache.l2() {
+            l2.flush().await;
+        }
     }
 
     /// Answers one client request. Never fails: every problem becomes an HTTP answer.
@@ -218,6 +245,19 @@ impl Proxy {
             }
         }
         if directives.only_if_cached {
+            if stored.is_none() {
+                if let Some(found) = inner.cache.lookup_l2(&target.key, &parts.headers).await {
+                    if satisfies(&found, &directives, now) {
+                        return respond::from_entry(
+                            &found,
+                            &parts.headers,
+                            head,
+                            now,
+                            Detail::HitL2,
+                        );
+                    }
+                }
+            }
             return respond::text(
                 StatusCode::GATEWAY_TIMEOUT,
                 "504 Gateway Timeout: not in cache (only-if-cached)\n",

@@ -15,6 +15,8 @@ use crate::cache::{CacheStatus, Entry};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detail {
     Hit,
+    /// Found in the shared Redis tier (and promoted into L1).
+    HitL2,
     /// Answered from a fill another request led.
     Coalesced,
     StaleWhileRevalidate,
@@ -54,6 +56,7 @@ impl Detail {
     pub fn cache_status(self) -> CacheStatus {
         match self {
             Detail::Hit | Detail::Coalesced => CacheStatus::HitL1,
+            Detail::HitL2 => CacheStatus::HitL2,
             Detail::StaleWhileRevalidate | Detail::StaleIfError(_) => CacheStatus::Stale,
             Detail::Revalidated { .. } => CacheStatus::Revalidated,
             Detail::Miss { .. } => CacheStatus::Miss,
@@ -64,6 +67,7 @@ impl Detail {
     fn header_value(self, ttl: Option<i64>) -> HeaderValue {
         let text = match self {
             Detail::Hit => return HeaderValue::from_static("strata; hit"),
+            Detail::HitL2 => return HeaderValue::from_static("strata; hit; detail=l2"),
             Detail::Bypass => return HeaderValue::from_static("strata; fwd=bypass"),
             Detail::Coalesced => return HeaderValue::from_static("strata; hit; detail=coalesced"),
             Detail::StaleWhileRevalidate => format!(

@@ -1,8 +1,11 @@
-//! Test support: an in-process mock origin, an in-process Strata launcher and small HTTP clients.
+//! Test support: an in-process mock origin, an in-process Strata launcher, small HTTP clients, and
+//! real `redis-server` processes ([`redis`]).
 //!
 //! Nothing here sleeps and hopes: waits are on counters polled against a deadline, and every network
 //! await is wrapped in a timeout so a broken proxy fails a test instead of hanging it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod redis;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -1,0 +1,299 @@
+//! The stored form of L2 values: one versioned, compact binary encoding (serde + postcard), zstd
+//! compressed when that actually saves space.
+//!
+//! Layout: `ST` (magic), a version byte, a flags byte, then the postcard payload (compressed when
+//! flag bit 0 is set). Anything else — garbage, truncation, another version, a payload that inflates
+//! past the limit — is [`CodecError`]: the caller treats it as a miss and deletes it. Never a panic.
+//!
+//! What is stored: status, the header list as received (repeated fields intact), body, the
+//! precomputed freshness instants (wall-clock milliseconds, valid across instances), the stale rules,
+//! and the Vary selection. Not stored: the request that produced the response (it may carry a
+//! client's Authorization or Cookie).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::entry::{Admission, Entry};
+use super::l1::{Slot, VaryRecord};
+use super::policy::Lifetime;
+
+const MAGIC: [u8; 2] = *b"ST";
+const VERSION: u8 = 1;
+const FLAG_ZSTD: u8 = 1;
+/// Payloads smaller than this are not worth a compression attempt.
+const COMPRESS_ABOVE: usize = 1024;
+const ZSTD_LEVEL: i32 = 3;
+/// Room for headers and bookkeeping above the largest body when bounding decompression.
+const HEADER_ALLOWANCE: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("not a Strata entry (bad magic or too short)")]
+    Magic,
+    #[error("entry format version {0} is not understood")]
+    Version(u8),
+    #[error("entry payload is corrupt")]
+    Payload,
+    #[error("entry is larger than the configured limit")]
+    TooLarge,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Stored {
+    Entry(StoredEntry),
+    Vary { names: Vec<String>, nonce: u64 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    status: u16,
+    headers: Vec<(String, Bytes)>,
+    body: Bytes,
+    response_time_ms: u64,
+    fresh_until_ms: u64,
+    stale_while_revalidate_until_ms: u64,
+    stale_if_error_until_ms: u64,
+    initial_age_ms: u64,
+    never_stale: bool,
+    honours_max_stale: bool,
+    variant: Vec<(String, Vec<Bytes>)>,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn instant(ms: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+fn value_bytes(value: &HeaderValue) -> Bytes {
+    Bytes::copy_from_slice(value.as_bytes())
+}
+
+/// Encodes a slot for Redis.
+pub fn encode(slot: &Slot) -> Vec<u8> {
+    let stored = match slot {
+        Slot::Vary(record) => Stored::Vary {
+            names: record.names.iter().map(|n| n.as_str().to_owned()).collect(),
+            nonce: record.nonce,
+        },
+        Slot::Entry(entry) => Stored::Entry(StoredEntry {
+            status: entry.status.as_u16(),
+            headers: entry
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), value_bytes(value)))
+                .collect(),
+            body: entry.body.clone(),
+            response_time_ms: millis(entry.response_time),
+            fresh_until_ms: millis(entry.lifetime.fresh_until),
+            stale_while_revalidate_until_ms: millis(entry.lifetime.stale_while_revalidate_until),
+            stale_if_error_until_ms: millis(entry.lifetime.stale_if_error_until),
+            initial_age_ms: u64::try_from(entry.lifetime.initial_age.as_millis())
+                .unwrap_or(u64::MAX),
+            never_stale: entry.never_stale,
+            honours_max_stale: entry.honours_max_stale,
+            variant: entry
+                .variant
+                .iter()
+                .map(|(name, values)| {
+                    (
+                        name.as_str().to_owned(),
+                        values.iter().map(value_bytes).collect(),
+                    )
+                })
+                .collect(),
+        }),
+    };
+    // Serialising plain data into a Vec cannot fail; an empty payload would decode as corrupt.
+    let payload = postcard::to_allocvec(&stored).unwrap_or_default();
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    if payload.len() > COMPRESS_ABOVE {
+        if let Ok(compressed) = zstd::bulk::compress(&payload, ZSTD_LEVEL) {
+            if compressed.len() < payload.len() {
+                out.push(FLAG_ZSTD);
+                out.extend_from_slice(&compressed);
+                return out;
+            }
+        }
+    }
+    out.push(0);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Decodes a Redis value; `max_body` bounds what a compressed payload may inflate to.
+pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
+    if bytes.len() < 4 || bytes[..2] != MAGIC {
+        return Err(CodecError::Magic);
+    }
+    if bytes[2] != VERSION {
+        return Err(CodecError::Version(bytes[2]));
+    }
+    let flags = bytes[3];
+    let body = &bytes[4..];
+    let limit = usize::try_from(max_body)
+        .unwrap_or(usize::MAX)
+        .saturating_add(HEADER_ALLOWANCE);
+    let inflated;
+    let payload = if flags & FLAG_ZSTD != 0 {
+        inflated = zstd::bulk::decompress(body, limit).map_err(|_| CodecError::TooLarge)?;
+        &inflated[..]
+    } else if flags == 0 {
+        body
+    } else {
+        return Err(CodecError::Payload);
+    };
+    let stored: Stored = postcard::from_bytes(payload).map_err(|_| CodecError::Payload)?;
+    match stored {
+        Stored::Vary { names, nonce } => {
+            let names = names
+                .iter()
+                .map(|n| HeaderName::from_bytes(n.as_bytes()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| CodecError::Payload)?;
+            Ok(Slot::Vary(std::sync::Arc::new(VaryRecord { names, nonce })))
+        }
+        Stored::Entry(e) => {
+            if e.body.len() as u64 > max_body {
+                return Err(CodecError::TooLarge);
+            }
+            let status = StatusCode::from_u16(e.status).map_err(|_| CodecError::Payload)?;
+            let mut headers = HeaderMap::with_capacity(e.headers.len());
+            for (name, value) in &e.headers {
+                let name =
+                    HeaderName::from_bytes(name.as_bytes()).map_err(|_| CodecError::Payload)?;
+                let value = HeaderValue::from_maybe_shared(value.clone())
+                    .map_err(|_| CodecError::Payload)?;
+                headers.append(name, value);
+            }
+            let mut variant = Vec::with_capacity(e.variant.len());
+            for (name, values) in e.variant {
+                let name =
+                    HeaderName::from_bytes(name.as_bytes()).map_err(|_| CodecError::Payload)?;
+                let values = values
+                    .into_iter()
+                    .map(HeaderValue::from_maybe_shared)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| CodecError::Payload)?;
+                variant.push((name, values));
+            }
+            let admission = Admission {
+                lifetime: Lifetime {
+                    fresh_until: instant(e.fresh_until_ms),
+                    stale_while_revalidate_until: instant(e.stale_while_revalidate_until_ms),
+                    stale_if_error_until: instant(e.stale_if_error_until_ms),
+                    initial_age: Duration::from_millis(e.initial_age_ms),
+                },
+                never_stale: e.never_stale,
+                honours_max_stale: e.honours_max_stale,
+                variant,
+            };
+            let entry = Entry::new(
+                status,
+                &headers,
+                e.body,
+                instant(e.response_time_ms),
+                admission,
+            );
+            Ok(Slot::Entry(std::sync::Arc::new(entry)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn sample(body: Bytes) -> Slot {
+        let mut headers = HeaderMap::new();
+        headers.append("set-cookie", HeaderValue::from_static("a=1"));
+        headers.append("set-cookie", HeaderValue::from_static("b=2"));
+        headers.insert("etag", HeaderValue::from_static("\"v1\""));
+        let now = SystemTime::now();
+        let admission = Admission {
+            lifetime: Lifetime {
+                fresh_until: now + Duration::from_secs(60),
+                stale_while_revalidate_until: now + Duration::from_secs(90),
+                stale_if_error_until: now + Duration::from_secs(600),
+                initial_age: Duration::from_secs(3),
+            },
+            never_stale: false,
+            honours_max_stale: true,
+            variant: vec![(
+                http::header::ACCEPT_ENCODING,
+                vec![HeaderValue::from_static("gzip")],
+            )],
+        };
+        Slot::Entry(Arc::new(Entry::new(
+            StatusCode::OK,
+            &headers,
+            body,
+            now,
+            admission,
+        )))
+    }
+
+    fn entry(slot: Result<Slot, CodecError>) -> Arc<Entry> {
+        match slot {
+            Ok(Slot::Entry(entry)) => entry,
+            other => panic!("not an entry: {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_repeated_headers_and_instants() {
+        let original = sample(Bytes::from_static(b"hello"));
+        let decoded = entry(decode(&encode(&original), 1024));
+        let Slot::Entry(original) = original else {
+            return;
+        };
+        assert_eq!(decoded.headers.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(decoded.body, original.body);
+        assert_eq!(
+            millis(decoded.lifetime.fresh_until),
+            millis(original.lifetime.fresh_until)
+        );
+        assert_eq!(decoded.variant, original.variant);
+        assert_eq!(decoded.etag, original.etag);
+    }
+
+    #[test]
+    fn large_repetitive_bodies_are_compressed() {
+        let body = Bytes::from(vec![b'a'; 64 * 1024]);
+        let encoded = encode(&sample(body.clone()));
+        assert_eq!(encoded[3], FLAG_ZSTD);
+        assert!(encoded.len() < 4096);
+        assert_eq!(entry(decode(&encoded, 1024 * 1024)).body, body);
+        // A bomb: the same payload may not inflate past the limit.
+        assert_eq!(decode(&encoded, 1024).err(), Some(CodecError::TooLarge));
+    }
+
+    #[test]
+    fn corrupt_values_are_errors_not_panics() {
+        let good = encode(&sample(Bytes::from_static(b"hello")));
+        assert_eq!(decode(b"garbage", 1024).err(), Some(CodecError::Magic));
+        assert_eq!(decode(b"ST", 1024).err(), Some(CodecError::Magic));
+        assert_eq!(
+            decode(b"ST\x09\x00abc", 1024).err(),
+            Some(CodecError::Version(9))
+        );
+        for cut in 4..good.len() {
+            assert!(decode(&good[..cut], 1024).is_err(), "truncated at {cut}");
+        }
+        let mut flipped = good.clone();
+        flipped[3] = 7;
+        assert!(decode(&flipped, 1024).is_err());
+    }
+}

@@ -1,0 +1,518 @@
+//! L2: the shared Redis tier (fred). An accelerator, never a dependency: every call has a deadline
+//! and any failure is a miss; a circuit breaker per store skips Redis while it is down; writes go
+//! through a bounded queue off the response path; a value that does not decode is a miss and is
+//! deleted.
+//!
+//! `REDIS_URL` may list several stores: the first whose breaker admits traffic serves reads and
+//! writes, so Strata moves down the list when a store fails and back up when it recovers.
+//!
+//! fred's defaults would hurt here (no command timeout, commands queued while disconnected, no
+//! reconnection): every command carries fail-fast options with `REDIS_TIMEOUT`, an outer
+//! `tokio::time::timeout` backs them, and the client reconnects with exponential backoff forever.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::clients::Pool;
+use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
+use fred::types::config::Options;
+use fred::types::config::ReconnectPolicy;
+use fred::types::{Builder, Expiration, SetOptions};
+use tokio::sync::{mpsc, Notify};
+
+use super::codec::{self, CodecError};
+use super::l1::Slot;
+use crate::config::RedisConfig;
+
+/// Consecutive failures after which a store is skipped for [`BREAKER_COOLDOWN`].
+const BREAKER_THRESHOLD: u32 = 5;
+/// How long an open breaker skips its store before one request probes it again.
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+/// L2 writes waiting for Redis; past this a write is dropped (and counted), never awaited.
+const WRITE_QUEUE: usize = 1024;
+
+/// Deletes the lock only if we still own it: a lock that expired and was taken by another
+/// instance must not be released by us.
+const UNLOCK_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+#[derive(Debug, Default)]
+pub struct L2Stats {
+    pub errors: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub writes: AtomicU64,
+    pub dropped_writes: AtomicU64,
+    pub corrupt: AtomicU64,
+}
+
+/// Skips a failing store for a while, then lets one request probe it.
+#[derive(Debug)]
+struct Breaker {
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the store is skipped; 0 when closed.
+    open_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Breaker {
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn cooldown_ms() -> u64 {
+        u64::try_from(BREAKER_COOLDOWN.as_millis()).unwrap_or(1000)
+    }
+
+    /// Whether a call may go to this store now. When the cooldown has passed, exactly one caller
+    /// wins the probe; the others keep skipping until it reports.
+    fn admits(&self) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now + Self::cooldown_ms(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Acquire) != 0
+    }
+
+    fn success(&self) {
+        self.failures.store(0, Ordering::Release);
+        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!("Redis store recovered; L2 in use again");
+        }
+    }
+
+    fn failure(&self) {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures >= BREAKER_THRESHOLD {
+            let until = self.now_ms() + Self::cooldown_ms();
+            if self.open_until.swap(until, Ordering::AcqRel) == 0 {
+                tracing::warn!(
+                    failures,
+                    "Redis store failing; skipping it (circuit breaker open)"
+                );
+            }
+        }
+    }
+}
+
+struct Store {
+    pool: Pool,
+    breaker: Breaker,
+}
+
+enum Write {
+    Put {
+        key: String,
+        slot: Slot,
+        ttl: Duration,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// Outcome of asking for the cross-instance fill lock.
+pub enum Lock {
+    /// We hold it; release with [`L2::unlock`].
+    Acquired(LockToken),
+    /// Another instance is filling this key.
+    Held,
+    /// Redis cannot say: proceed without the fleet-wide lock.
+    Unavailable,
+}
+
+pub struct LockToken {
+    key: String,
+    owner: String,
+    store: usize,
+}
+
+pub struct L2 {
+    stores: Vec<Store>,
+    prefix: String,
+    timeout: Duration,
+    options: Options,
+    max_body: u64,
+    writes: mpsc::Sender<Write>,
+    queued: AtomicU64,
+    drained: Notify,
+    lock_counter: AtomicU64,
+    instance: String,
+    pub stats: L2Stats,
+}
+
+impl L2 {
+    /// Builds the clients and starts connecting in the background: Strata serves at once, degraded
+    /// if Redis is not there yet.
+    pub fn start(config: &RedisConfig, max_body: u64) -> Result<Arc<L2>, fred::error::Error> {
+        let mut stores = Vec::with_capacity(config.stores.len());
+        for store_config in &config.stores {
+            let pool = Builder::from_config(store_config.clone())
+                .with_connection_config(|c| {
+                    c.connection_timeout = Duration::from_secs(2);
+                    c.internal_command_timeout = Duration::from_secs(2);
+                    c.max_command_attempts = 1;
+                    c.unresponsive.max_timeout = Some(Duration::from_secs(2));
+                    c.unresponsive.interval = Duration::from_millis(500);
+                })
+                .with_performance_config(|p| {
+                    p.default_command_timeout = config.timeout;
+                })
+                // Forever (0 attempts = unlimited), 100 ms doubling to 2 s.
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+                .build_pool(config.pool_size)?;
+            stores.push(Store {
+                pool,
+                breaker: Breaker::new(),
+            });
+        }
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        let l2 = Arc::new(L2 {
+            stores,
+            prefix: config.key_prefix.clone(),
+            timeout: config.timeout,
+            options: Options {
+                timeout: Some(config.timeout),
+                fail_fast: true,
+                max_attempts: Some(1),
+                max_redirections: Some(3),
+                ..Options::default()
+            },
+            max_body,
+            writes,
+            queued: AtomicU64::new(0),
+            drained: Notify::new(),
+            lock_counter: AtomicU64::new(0),
+            instance: instance_id(),
+            stats: L2Stats::default(),
+        });
+        tokio::spawn(write_loop(Arc::downgrade(&l2), queue));
+        for store in &l2.stores {
+            for client in store.pool.clients() {
+                tokio::spawn(supervise(Arc::downgrade(&l2), client.clone()));
+            }
+        }
+        Ok(l2)
+    }
+
+    /// Waits up to `patience` for the first store to connect, and says how it went: Strata serves
+    /// either way, degraded to L1 + origin while Redis is away.
+    pub async fn await_startup(&self, patience: Duration) -> bool {
+        let Some(first) = self.stores.first() else {
+            return false;
+        };
+        match tokio::time::timeout(patience, first.pool.wait_for_connect()).await {
+            Ok(Ok(())) => {
+                tracing::info!("Redis L2 connected");
+                true
+            }
+            _ => {
+                tracing::warn!("Redis L2 unreachable at start-up: serving from L1 and the origin (degraded); reconnecting in the background");
+                false
+            }
+        }
+    }
+
+    pub fn entry_key(&self, key: &str) -> String {
+        format!("{}e:{key}", self.prefix)
+    }
+
+    fn lock_key(&self, key: &str) -> String {
+        format!("{}lock:{key}", self.prefix)
+    }
+
+    /// The first store whose breaker admits traffic.
+    fn active(&self) -> Option<(usize, &Store)> {
+        self.stores
+            .iter()
+            .enumerate()
+            .find(|(_, store)| store.breaker.admits())
+    }
+
+    /// True while every store is being skipped.
+    pub fn breaker_open(&self) -> bool {
+        self.stores.iter().all(|store| store.breaker.is_open())
+    }
+
+    /// Runs one command against a store under the deadline; failures feed the breaker.
+    async fn call<T, F>(&self, store: &Store, command: F) -> Option<T>
+    where
+        F: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
+        // fred's own timeout is not fully cancellation-safe; the outer one bounds us regardless.
+        match tokio::time::timeout(self.timeout + Duration::from_millis(5), command).await {
+            Ok(Ok(value)) => {
+                store.breaker.success();
+                Some(value)
+            }
+            Ok(Err(error)) => {
+                if error.kind() == &fred::error::ErrorKind::Timeout {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(%error, "Redis call failed");
+                store.breaker.failure();
+                None
+            }
+            Err(_) => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                store.breaker.failure();
+                None
+            }
+        }
+    }
+
+    /// The slot stored under a cache key (entry or vary record), if any and readable.
+    pub async fn get(&self, key: &str) -> Option<Slot> {
+        let (_, store) = self.active()?;
+        let redis_key = self.entry_key(key);
+        let client = store.pool.next_connected().with_options(&self.options);
+        let value: Option<Bytes> = self.call(store, client.get(redis_key.as_str())).await?;
+        let value = value?;
+        match codec::decode(&value, self.max_body) {
+            Ok(slot) => Some(slot),
+            Err(error) => {
+                self.corrupt(key, &error);
+                None
+            }
+        }
+    }
+
+    fn corrupt(&self, key: &str, error: &CodecError) {
+        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, "corrupt L2 entry; treated as a miss and deleted");
+        self.enqueue(Write::Delete {
+            key: key.to_string(),
+        });
+    }
+
+    /// Queues the deletion of a key's value (a purge); never waits.
+    pub fn delete(&self, key: &str) {
+        self.enqueue(Write::Delete {
+            key: key.to_string(),
+        });
+    }
+
+    /// Queues a write; never waits. A full queue drops the write (counted).
+    pub fn put(&self, key: String, slot: Slot, ttl: Duration) {
+        if ttl.as_millis() < 1 {
+            return;
+        }
+        self.enqueue(Write::Put { key, slot, ttl });
+    }
+
+    fn enqueue(&self, write: Write) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.writes.try_send(write).is_err() {
+            self.stats.dropped_writes.fetch_add(1, Ordering::Relaxed);
+            self.write_done();
+        }
+    }
+
+    fn write_done(&self) {
+        if self.queued.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Writes now (used by a lock holder, which must publish its fill before releasing the lock).
+    pub async fn put_now(&self, key: &str, slot: &Slot, ttl: Duration) -> bool {
+        let Some((_, store)) = self.active() else {
+            return false;
+        };
+        self.write_to(store, key, slot, ttl).await
+    }
+
+    async fn write_to(&self, store: &Store, key: &str, slot: &Slot, ttl: Duration) -> bool {
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let value = Bytes::from(codec::encode(slot));
+        let client = store.pool.next_connected().with_options(&self.options);
+        let written: Option<()> = self
+            .call(
+                store,
+                client.set(
+                    self.entry_key(key),
+                    value,
+                    Some(Expiration::PX(millis)),
+                    None,
+                    false,
+                ),
+            )
+            .await;
+        if written.is_some() {
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        written.is_some()
+    }
+
+    async fn delete_from(&self, store: &Store, key: &str) -> bool {
+        let client = store.pool.next_connected().with_options(&self.options);
+        let deleted: Option<i64> = self.call(store, client.del(self.entry_key(key))).await;
+        deleted.is_some()
+    }
+
+    /// Waits until every queued write has been attempted.
+    pub async fn flush(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.queued.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// Takes the fleet-wide fill lock for `key` (`SET NX PX`).
+    pub async fn lock(&self, key: &str, ttl: Duration) -> Lock {
+        let Some((index, store)) = self.active() else {
+            return Lock::Unavailable;
+        };
+        let owner = format!(
+            "{}:{}",
+            self.instance,
+            self.lock_counter.fetch_add(1, Ordering::Relaxed)
+        );
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let client = store.pool.next_connected().with_options(&self.options);
+        let reply: Option<Option<String>> = self
+            .call(
+                store,
+                client.set(
+                    self.lock_key(key),
+                    owner.as_str(),
+                    Some(Expiration::PX(millis)),
+                    Some(SetOptions::NX),
+                    false,
+                ),
+            )
+            .await;
+        match reply {
+            Some(Some(_)) => Lock::Acquired(LockToken {
+                key: key.to_string(),
+                owner,
+                store: index,
+            }),
+            Some(None) => Lock::Held,
+            None => Lock::Unavailable,
+        }
+    }
+
+    /// Releases a lock we hold (compare-and-delete: never someone else's).
+    pub async fn unlock(&self, token: LockToken) {
+        let Some(store) = self.stores.get(token.store) else {
+            return;
+        };
+        let client = store.pool.next_connected().with_options(&self.options);
+        let _: Option<i64> = self
+            .call(
+                store,
+                client.eval(
+                    UNLOCK_SCRIPT,
+                    vec![self.lock_key(&token.key)],
+                    vec![token.owner],
+                ),
+            )
+            .await;
+    }
+
+    /// Whether another instance still holds the fill lock for `key`.
+    pub async fn is_locked(&self, key: &str) -> Option<bool> {
+        let (_, store) = self.active()?;
+        let client = store.pool.next_connected().with_options(&self.options);
+        let exists: i64 = self.call(store, client.exists(self.lock_key(key))).await?;
+        Some(exists > 0)
+    }
+}
+
+/// Keeps one client connected for as long as the L2 exists. fred's reconnect policy covers a
+/// connection that was up and dropped, but a connection that fails while being established (Redis
+/// down at start-up, or dying during the handshake) ends fred's connection task for good; this
+/// starts it again, with backoff.
+async fn supervise(l2: std::sync::Weak<L2>, client: fred::clients::Client) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let ended = client.connect().await;
+        if l2.strong_count() == 0 {
+            return;
+        }
+        if let Ok(Err(error)) = &ended {
+            tracing::debug!(%error, "Redis connection ended; connecting again");
+        }
+        // A connection that stayed up a while earns a quick retry; repeated failures back off.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        if l2.strong_count() == 0 {
+            return;
+        }
+    }
+}
+
+impl Drop for L2 {
+    fn drop(&mut self) {
+        // Ends the connection tasks (and so the supervisors) of a proxy that is gone.
+        let clients: Vec<_> = self
+            .stores
+            .iter()
+            .flat_map(|store| store.pool.clients().iter().cloned())
+            .collect();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for client in clients {
+                    let _ = client.quit().await;
+                }
+            });
+        }
+    }
+}
+
+async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
+    while let Some(write) = queue.recv().await {
+        let Some(l2) = l2.upgrade() else { return };
+        if let Some((_, store)) = l2.active() {
+            match &write {
+                Write::Put { key, slot, ttl } => {
+                    l2.write_to(store, key, slot, *ttl).await;
+                }
+                Write::Delete { key } => {
+                    l2.delete_from(store, key).await;
+                }
+            }
+        }
+        l2.write_done();
+    }
+}
+
+/// Distinguishes this process's lock values from other instances'.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{:x}-{:x}", std::process::id(), nanos)
+}
