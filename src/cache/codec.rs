@@ -46,6 +46,7 @@ pub enum CodecError {
 enum Stored {
     Entry(StoredEntry),
     Vary { names: Vec<String>, nonce: u64 },
+    Pass { until_ms: u64 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -81,6 +82,9 @@ fn value_bytes(value: &HeaderValue) -> Bytes {
 /// Encodes a slot for Redis.
 pub fn encode(slot: &Slot) -> Vec<u8> {
     let stored = match slot {
+        Slot::Pass(until) => Stored::Pass {
+            until_ms: millis(*until),
+        },
         Slot::Vary(record) => Stored::Vary {
             names: record.names.iter().map(|n| n.as_str().to_owned()).collect(),
             nonce: record.nonce,
@@ -156,6 +160,7 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
     };
     let stored: Stored = postcard::from_bytes(payload).map_err(|_| CodecError::Payload)?;
     match stored {
+        Stored::Pass { until_ms } => Ok(Slot::Pass(instant(until_ms))),
         Stored::Vary { names, nonce } => {
             let names = names
                 .iter()

@@ -19,11 +19,14 @@ const HEADER_MARGIN: u64 = 64 * 1024;
 const ASSUMED_AVERAGE_OBJECT: u64 = 16 * 1024;
 
 /// What a key holds: a response, or for a URL whose responses `Vary`, the record naming the
-/// selecting headers (its variants live under [`super::key::variant_key`]).
+/// selecting headers (its variants live under [`super::key::variant_key`]), or a pass marker.
 #[derive(Debug, Clone)]
 pub enum Slot {
     Entry(Arc<Entry>),
     Vary(Arc<VaryRecord>),
+    /// The origin's last answer for this URL could not be stored (Varnish's hit-for-miss): until
+    /// this instant requests go straight to the origin, skipping coalescing and the L2 round trips.
+    Pass(std::time::SystemTime),
 }
 
 #[derive(Debug)]
@@ -47,6 +50,7 @@ impl Weighter<String, Slot> for SlotWeighter {
                     .map(|n| n.as_str().len() as u64)
                     .sum::<u64>()
             }
+            Slot::Pass(_) => 32,
         };
         key.len() as u64 + value
     }

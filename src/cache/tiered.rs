@@ -58,6 +58,7 @@ impl Cache {
     pub fn lookup(&self, key: &str, request_headers: &HeaderMap) -> Option<Arc<Entry>> {
         match self.l1.get(key)? {
             Slot::Entry(entry) => entry.variant.is_empty().then_some(entry),
+            Slot::Pass(_) => None,
             Slot::Vary(record) => {
                 let variant = variant_key(key, record.nonce, &record.names, request_headers);
                 match self.l1.get(&variant)? {
@@ -68,6 +69,16 @@ impl Cache {
         }
     }
 
+    /// Whether the origin recently answered this URL with something not to be stored.
+    pub fn is_pass(&self, key: &str, now: SystemTime) -> bool {
+        matches!(self.l1.get(key), Some(Slot::Pass(until)) if now < until)
+    }
+
+    /// Remembers for `for_how_long` that this URL's answers cannot be stored.
+    pub fn mark_pass(&self, key: &str, until: SystemTime) {
+        self.l1.insert(key.to_string(), Slot::Pass(until));
+    }
+
     /// The L2 response for this URL, promoted into L1 when found.
     pub async fn lookup_l2(&self, key: &str, request_headers: &HeaderMap) -> Option<Arc<Entry>> {
         let l2 = self.l2.as_ref()?;
@@ -76,7 +87,7 @@ impl Cache {
                 self.l1.insert(key.to_string(), Slot::Entry(entry.clone()));
                 Some(entry)
             }
-            Slot::Entry(_) => None,
+            Slot::Entry(_) | Slot::Pass(_) => None,
             Slot::Vary(record) => {
                 let variant = variant_key(key, record.nonce, &record.names, request_headers);
                 let Slot::Entry(entry) = l2.get(&variant).await? else {

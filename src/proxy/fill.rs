@@ -25,9 +25,14 @@ use super::respond::{self, Detail, Fwd};
 use super::{headers, is_origin_failure, Proxy, Target};
 use crate::cache::entry::{detach_body, Admission};
 use crate::cache::l2::{Lock, LockToken, L2};
-use crate::cache::policy::{admit, forbids_storing, merge_not_modified, revalidation_matches};
+use crate::cache::policy::{
+    admit, forbids_storing, later, merge_not_modified, revalidation_matches, NotStorable,
+};
 use crate::cache::{Entry, PurgeReason};
 use crate::coalesce::FlightPermit;
+
+/// How long a URL whose answer could not be stored goes straight to the origin (hit-for-miss).
+const PASS_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often an instance waiting for another instance's fill looks in L2.
 const FLEET_POLL: std::time::Duration = std::time::Duration::from_millis(20);
@@ -268,8 +273,16 @@ impl Proxy {
                 }
                 // The origin now marks this URL not to be stored: the old copy goes. Reasons that
                 // belong to this request alone (its Authorization, a Set-Cookie) leave it in place.
-                if stored.is_some() && forbids_storing(&response_parts.headers) {
+                let response_says_no = forbids_storing(&response_parts.headers);
+                if stored.is_some() && response_says_no {
                     self.invalidate(&target.key);
+                }
+                // Whatever this URL answers next time is as likely not storable: let the next
+                // requests skip coalescing and L2 for a while (reasons of this request alone don't count).
+                let about_the_response = response_says_no
+                    || matches!(reason, NotStorable::NeverReusable | NotStorable::VaryStar);
+                if about_the_response && (stored.is_none() || response_says_no) {
+                    inner.cache.mark_pass(&target.key, later(now, PASS_FOR));
                 }
                 tracing::debug!(?reason, status = status.as_u16(), "response not stored");
                 let response = Response::from_parts(response_parts, body);
@@ -283,6 +296,9 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok());
         if declared_length.is_some_and(|length| length > inner.config.max_object_bytes) {
             permit.release();
+            if stored.is_none() {
+                inner.cache.mark_pass(&target.key, later(now, PASS_FOR));
+            }
             let response = Response::from_parts(response_parts, body);
             return self.pass_through(response, Detail::Miss { stored: false, fwd });
         }

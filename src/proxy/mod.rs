@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::cache::key::{cache_key, request_host};
+use crate::cache::l1::Slot;
 use crate::cache::policy::revalidation_matches;
 use crate::cache::policy::{needs_full_evaluation, RequestDirectives};
 use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
@@ -271,7 +272,9 @@ impl Proxy {
         let fwd = match (&stored, directives.no_cache) {
             (_, true) => Fwd::Request,
             (Some(_), false) => Fwd::Stale,
-            (None, false) if inner.cache.l1().get(&target.key).is_some() => Fwd::VaryMiss,
+            (None, false) if matches!(inner.cache.l1().get(&target.key), Some(Slot::Vary(_))) => {
+                Fwd::VaryMiss
+            }
             (None, false) => Fwd::UriMiss,
         };
         let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
@@ -286,6 +289,11 @@ impl Proxy {
         {
             return self
                 .forward(parts, ProxyBody::empty(), &target, stored, fwd)
+                .await;
+        }
+        if stored.is_none() && inner.cache.is_pass(&target.key, now) {
+            return self
+                .forward(parts, ProxyBody::empty(), &target, None, fwd)
                 .await;
         }
         self.fetch_coalesced(parts, target, stored, fwd).await
