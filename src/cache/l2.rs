@@ -292,7 +292,7 @@ impl L2 {
         let client = store.pool.next_connected().with_options(&self.options);
         let value: Option<Bytes> = self.call(store, client.get(redis_key.as_str())).await?;
         let value = value?;
-        match codec::decode(&value, self.max_body) {
+        match decode_off_runtime(value, self.max_body).await {
             Ok(slot) => Some(slot),
             Err(error) => {
                 self.corrupt(key, &error);
@@ -348,7 +348,10 @@ impl L2 {
 
     async fn write_to(&self, store: &Store, key: &str, slot: &Slot, ttl: Duration) -> bool {
         let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let value = Bytes::from(codec::encode(slot));
+        let value = Bytes::from(encode_off_runtime(slot).await);
+        if value.is_empty() {
+            return false; // the encoder task failed: nothing worth writing
+        }
         let client = store.pool.next_connected().with_options(&self.options);
         let written: Option<()> = self
             .call(
@@ -445,6 +448,30 @@ impl L2 {
         let exists: i64 = self.call(store, client.exists(self.lock_key(key))).await?;
         Some(exists > 0)
     }
+}
+
+/// Values larger than this are (de)compressed on the blocking pool: zstd over megabytes would stall
+/// a runtime worker and every request scheduled on it.
+const INLINE_CODEC_LIMIT: usize = 64 * 1024;
+
+async fn encode_off_runtime(slot: &Slot) -> Vec<u8> {
+    let large = matches!(slot, Slot::Entry(entry) if entry.body.len() > INLINE_CODEC_LIMIT);
+    if !large {
+        return codec::encode(slot);
+    }
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || codec::encode(&slot))
+        .await
+        .unwrap_or_default()
+}
+
+async fn decode_off_runtime(value: Bytes, max_body: u64) -> Result<Slot, CodecError> {
+    if value.len() <= INLINE_CODEC_LIMIT {
+        return codec::decode(&value, max_body);
+    }
+    tokio::task::spawn_blocking(move || codec::decode(&value, max_body))
+        .await
+        .unwrap_or(Err(CodecError::Payload))
 }
 
 /// Keeps one client connected for as long as the L2 exists. fred's reconnect policy covers a
