@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod redis;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
