@@ -8,7 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 warn() { printf 'tests/run.sh: warning: %s\n' "$*" >&2; }
 
-# System packages the suite needs. redis-server/redis-tools: real Redis peers for the L2 tests.
+# System packages the suite needs. redis-server/redis-sentinel/redis-tools: real Redis peers for the
+# L2 tests (sentinels run as `redis-server --sentinel`).
 # gcc/libc6-dev: `ring` compiles C and rustc links through `cc`.
 # As root they are installed with apt-get. Otherwise Debian's Redis packages are downloaded (no root
 # needed) and unpacked under target/test-deps, which is put on PATH for the tests.
@@ -16,7 +17,7 @@ redis_local="$PWD/target/test-deps/redis"
 install_redis_locally() {
     local tmp
     tmp=$(mktemp -d)
-    if (cd "$tmp" && apt-get download -qq redis-tools redis-server libjemalloc2 liblzf1 >/dev/null 2>&1); then
+    if (cd "$tmp" && apt-get download -qq redis-tools redis-server redis-sentinel libjemalloc2 liblzf1 >/dev/null 2>&1); then
         mkdir -p "$redis_local"
         for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$redis_local"; done
     else
@@ -29,7 +30,7 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
     if [[ $(id -u) -eq 0 ]]; then
-        missing+=(redis-server redis-tools)
+        missing+=(redis-server redis-sentinel redis-tools)
     elif [[ ! -x "$redis_local/usr/bin/redis-server" ]] && command -v apt-get >/dev/null 2>&1; then
         install_redis_locally
     fi
