@@ -115,19 +115,11 @@ impl Cache {
         now: SystemTime,
     ) {
         let placement = self.store_l1(key, &entry, request_headers);
-        let Some(l2) = &self.l2 else { return };
-        let ttl = entry
-            .useless_after()
-            .duration_since(now)
-            .unwrap_or_default();
-        if let Some(record) = placement.record {
-            l2.put(
-                key.to_string(),
-                Slot::Vary(record),
-                ttl.max(VARY_RECORD_MIN_TTL),
-            );
+        if let Some(l2) = &self.l2 {
+            for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
+                l2.put(l2_key, slot, ttl);
+            }
         }
-        l2.put(placement.storage_key, Slot::Entry(entry), ttl);
     }
 
     /// Like [`Cache::store`], but waits for the L2 write: a fill that holds the fleet-wide lock
@@ -140,20 +132,11 @@ impl Cache {
         now: SystemTime,
     ) {
         let placement = self.store_l1(key, &entry, request_headers);
-        let Some(l2) = &self.l2 else { return };
-        let ttl = entry
-            .useless_after()
-            .duration_since(now)
-            .unwrap_or_default();
-        if ttl.is_zero() {
-            return;
+        if let Some(l2) = &self.l2 {
+            for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
+                l2.put_now(&l2_key, &slot, ttl).await;
+            }
         }
-        if let Some(record) = placement.record {
-            l2.put_now(key, &Slot::Vary(record), ttl.max(VARY_RECORD_MIN_TTL))
-                .await;
-        }
-        l2.put_now(&placement.storage_key, &Slot::Entry(entry), ttl)
-            .await;
     }
 
     fn store_l1(&self, key: &str, entry: &Arc<Entry>, request_headers: &HeaderMap) -> Placement {
@@ -195,6 +178,33 @@ impl Cache {
         }
         removed
     }
+}
+
+/// What storing `entry` writes to L2: the vary record (if it varies) and the entry, each with the
+/// TTL until the entry can no longer be served in any way. Nothing once that time has passed.
+fn l2_writes(
+    key: &str,
+    entry: Arc<Entry>,
+    placement: Placement,
+    now: SystemTime,
+) -> Vec<(String, Slot, Duration)> {
+    let ttl = entry
+        .useless_after()
+        .duration_since(now)
+        .unwrap_or_default();
+    if ttl.as_millis() < 1 {
+        return Vec::new();
+    }
+    let mut writes = Vec::with_capacity(2);
+    if let Some(record) = placement.record {
+        writes.push((
+            key.to_string(),
+            Slot::Vary(record),
+            ttl.max(VARY_RECORD_MIN_TTL),
+        ));
+    }
+    writes.push((placement.storage_key, Slot::Entry(entry), ttl));
+    writes
 }
 
 fn nonce_seed() -> u64 {

@@ -79,7 +79,7 @@ impl Drop for FleetLock {
 const CLIENT_CHANNEL_CHUNKS: usize = 16;
 
 /// Request fields that belong to the client's own conditional or partial request, not to a fill.
-const CLIENT_ONLY: [header::HeaderName; 6] = [
+pub(super) const CLIENT_ONLY: [header::HeaderName; 6] = [
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_MATCH,

@@ -666,16 +666,9 @@ fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> 
 
 /// The request is conditional or partial on its own account: its answer is the origin's to give.
 fn asks_for_itself(headers: &http::HeaderMap) -> bool {
-    [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-        header::RANGE,
-    ]
-    .iter()
-    .any(|name| headers.contains_key(name))
+    fill::CLIENT_ONLY
+        .iter()
+        .any(|name| headers.contains_key(name))
 }
 
 /// 500, 502, 503 and 504: the answers stale-if-error may hide.
