@@ -23,6 +23,9 @@ pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
 pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
+pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+pub const LOG_REDACT_KEYS: &str = "LOG_REDACT_KEYS";
+pub const SURROGATE_HEADERS_VISIBLE: &str = "SURROGATE_HEADERS_VISIBLE";
 pub const REDIS_URL: &str = "REDIS_URL";
 pub const REDIS_ENABLED: &str = "REDIS_ENABLED";
 pub const REDIS_ADDR: &str = "REDIS_ADDR";
@@ -75,6 +78,16 @@ pub struct RawArgs {
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `strata=debug,info`.
     #[arg(long, env = RUST_LOG, value_name = RUST_LOG, default_value = "info")]
     pub rust_log: String,
+    /// Bearer token for every admin route but /health (and the PURGE method). Unset: the admin
+    /// listener must be on a loopback address.
+    #[arg(long, env = ADMIN_TOKEN, value_name = ADMIN_TOKEN, hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Replace cache keys and paths in logs with a short hash.
+    #[arg(long, env = LOG_REDACT_KEYS, value_name = LOG_REDACT_KEYS, default_value = "false")]
+    pub log_redact_keys: String,
+    /// Show the origin's Surrogate-Key / Cache-Tag headers to clients.
+    #[arg(long, env = SURROGATE_HEADERS_VISIBLE, value_name = SURROGATE_HEADERS_VISIBLE, default_value = "false")]
+    pub surrogate_headers_visible: String,
     /// Redis L2: redis://, rediss://, redis-sentinel://...?sentinelServiceName=..., redis-cluster://.
     /// Unset: L1 only (unless REDIS_ENABLED).
     #[arg(long, env = REDIS_URL, value_name = REDIS_URL, hide_env_values = true)]
@@ -119,6 +132,33 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `None`: no L2.
     pub redis: Option<RedisConfig>,
+    /// `None`: admin routes are open, which is allowed only on a loopback `ADMIN_ADDR`.
+    pub admin_token: Option<AdminToken>,
+    pub log_redact_keys: bool,
+    pub surrogate_headers_visible: bool,
+}
+
+/// The admin bearer token; never printed.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Compares a presented token in time independent of where it differs.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        expected.len() == presented.len()
+            && expected
+                .iter()
+                .zip(presented)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 /// The Redis L2 settings.
@@ -187,6 +227,9 @@ const FLAGS: &[(&str, &str)] = &[
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (LOG_FORMAT, "--log-format"),
     (RUST_LOG, "--rust-log"),
+    (ADMIN_TOKEN, "--admin-token"),
+    (LOG_REDACT_KEYS, "--log-redact-keys"),
+    (SURROGATE_HEADERS_VISIBLE, "--surrogate-headers-visible"),
     (REDIS_URL, "--redis-url"),
     (REDIS_ENABLED, "--redis-enabled"),
     (REDIS_ADDR, "--redis-addr"),
@@ -223,11 +266,31 @@ impl Config {
     /// Validates clap's raw strings.
     pub fn from_raw(raw: RawArgs) -> Result<Config, ConfigError> {
         let redis = parse_redis(&raw)?;
+        let admin_addr = parse_addr(ADMIN_ADDR, &raw.admin_addr)?;
+        let admin_token = raw
+            .admin_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(AdminToken);
+        if admin_token.is_none() && !admin_addr.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                ADMIN_ADDR,
+                &raw.admin_addr,
+                "is not a loopback address and ADMIN_TOKEN is unset: anyone who reaches it could purge \
+                 the cache; set ADMIN_TOKEN or bind ADMIN_ADDR to 127.0.0.1",
+            ));
+        }
         Ok(Config {
             redis,
+            admin_token,
+            log_redact_keys: parse_bool(LOG_REDACT_KEYS, &raw.log_redact_keys)?,
+            surrogate_headers_visible: parse_bool(
+                SURROGATE_HEADERS_VISIBLE,
+                &raw.surrogate_headers_visible,
+            )?,
             origin: parse_origin(&raw.origin_url)?,
             listen_addr: parse_addr(LISTEN_ADDR, &raw.listen_addr)?,
-            admin_addr: parse_addr(ADMIN_ADDR, &raw.admin_addr)?,
+            admin_addr,
             cache_size_bytes: parse_megabytes(CACHE_SIZE_MB, &raw.cache_size_mb)?,
             max_object_bytes: match parse_megabytes(CACHE_MAX_OBJECT_MB, &raw.cache_max_object_mb)?
             {
@@ -457,6 +520,29 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("ORIGIN_URL"), "{err}");
+    }
+
+    #[test]
+    fn open_admin_must_be_on_loopback() {
+        let err = Config::from_vars([("ORIGIN_URL", "http://o"), ("ADMIN_ADDR", "0.0.0.0:9090")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("ADMIN_ADDR") && err.contains("ADMIN_TOKEN"),
+            "{err}"
+        );
+        let ok = Config::from_vars([
+            ("ORIGIN_URL", "http://o"),
+            ("ADMIN_ADDR", "0.0.0.0:9090"),
+            ("ADMIN_TOKEN", "s3cret"),
+        ]);
+        let token = ok.ok().and_then(|c| c.admin_token);
+        assert!(token.as_ref().is_some_and(|t| t.matches(b"s3cret")));
+        assert!(token
+            .as_ref()
+            .is_some_and(|t| !t.matches(b"s3cre7") && !t.matches(b"s3cret ")));
+        assert_eq!(format!("{token:?}"), "Some(AdminToken(<redacted>))");
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! Counters of what the cache and proxy did; read by the admin API and by tests.
+//! Counters and latency histograms of what the cache and proxy did, and their Prometheus text
+//! rendering; read by the admin API (`/stats`, `/metrics`) and by tests.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::cache::CacheStatus;
 
@@ -17,6 +20,211 @@ pub struct Stats {
     pub origin_errors: AtomicU64,
     pub coalesced: AtomicU64,
     pub refreshes: AtomicU64,
+    pub purges: AtomicU64,
+    pub invalidations_sent: AtomicU64,
+    pub invalidations_received: AtomicU64,
+    pub invalidations_applied: AtomicU64,
+    pub pubsub_reconnects: AtomicU64,
+    /// Time to response headers for answers from L1.
+    pub hit_latency: Histogram,
+    /// Time to the origin's response headers.
+    pub origin_latency: Histogram,
+}
+
+/// Upper bounds (seconds) of the latency buckets: 100 µs to 10 s.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A Prometheus histogram on relaxed atomics: observing is a few uncontended adds, no lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per-bucket counts (not cumulative); the last slot is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let slot = BUCKETS
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(BUCKETS.len());
+        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// Everything `/metrics` shows, gathered by the proxy.
+pub struct MetricsSources<'a> {
+    pub stats: &'a Stats,
+    pub snapshot: &'a StatsSnapshot,
+    pub l2_latency: Option<&'a Histogram>,
+}
+
+/// Prometheus text exposition format 0.0.4.
+pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
+    let s = sources.snapshot;
+    let mut out = String::with_capacity(8 * 1024);
+    let _ = writeln!(
+        out,
+        "# HELP strata_requests_total Client requests by X-Cache value.\n# TYPE strata_requests_total counter"
+    );
+    for (label, value) in [
+        ("HIT-L1", s.l1_hits),
+        ("HIT-L2", s.l2_hits),
+        ("MISS", s.misses),
+        ("STALE", s.stale),
+        ("REVALIDATED", s.revalidated),
+        ("BYPASS", s.bypass),
+    ] {
+        let _ = writeln!(out, "strata_requests_total{{x_cache=\"{label}\"}} {value}");
+    }
+    sources.stats.hit_latency.render(
+        &mut out,
+        "strata_hit_duration_seconds",
+        "Time to response headers of answers from L1.",
+    );
+    match sources.l2_latency {
+        Some(histogram) => histogram.render(
+            &mut out,
+            "strata_l2_duration_seconds",
+            "Duration of Redis L2 lookups.",
+        ),
+        None => Histogram::default().render(
+            &mut out,
+            "strata_l2_duration_seconds",
+            "Duration of Redis L2 lookups.",
+        ),
+    }
+    sources.stats.origin_latency.render(
+        &mut out,
+        "strata_origin_duration_seconds",
+        "Time until the origin's response headers arrived.",
+    );
+    let families: [(&str, &str, &str, u64); 17] = [
+        (
+            "strata_l1_bytes",
+            "gauge",
+            "Bytes accounted in L1 (key + headers + body).",
+            s.l1_bytes,
+        ),
+        (
+            "strata_l1_capacity_bytes",
+            "gauge",
+            "L1 capacity (CACHE_SIZE_MB).",
+            s.l1_capacity_bytes,
+        ),
+        ("strata_l1_entries", "gauge", "Entries in L1.", s.l1_entries),
+        (
+            "strata_l1_evictions_total",
+            "counter",
+            "Entries evicted from L1 for room.",
+            s.l1_evictions,
+        ),
+        (
+            "strata_l2_errors_total",
+            "counter",
+            "Redis calls that failed.",
+            s.l2_errors,
+        ),
+        (
+            "strata_l2_timeouts_total",
+            "counter",
+            "Redis calls that passed REDIS_TIMEOUT.",
+            s.l2_timeouts,
+        ),
+        (
+            "strata_l2_breaker_open",
+            "gauge",
+            "1 while every Redis store is skipped by its breaker.",
+            s.l2_breaker_open,
+        ),
+        (
+            "strata_l2_dropped_writes_total",
+            "counter",
+            "L2 writes dropped because the queue was full.",
+            s.l2_dropped_writes,
+        ),
+        (
+            "strata_l2_corrupt_total",
+            "counter",
+            "L2 values that did not decode (deleted).",
+            s.l2_corrupt,
+        ),
+        (
+            "strata_coalesced_total",
+            "counter",
+            "Requests answered from another request's fill.",
+            s.coalesced,
+        ),
+        (
+            "strata_origin_requests_total",
+            "counter",
+            "Requests sent to the origin.",
+            s.origin_requests,
+        ),
+        (
+            "strata_origin_errors_total",
+            "counter",
+            "Origin requests that failed (unreachable, timeout).",
+            s.origin_errors,
+        ),
+        (
+            "strata_purges_total",
+            "counter",
+            "Purge requests received (admin API, PURGE method).",
+            s.purges,
+        ),
+        (
+            "strata_invalidations_sent_total",
+            "counter",
+            "Invalidations published to other instances.",
+            s.invalidations_sent,
+        ),
+        (
+            "strata_invalidations_received_total",
+            "counter",
+            "Invalidations received from other instances.",
+            s.invalidations_received,
+        ),
+        (
+            "strata_invalidations_applied_total",
+            "counter",
+            "Received invalidations applied to L1.",
+            s.invalidations_applied,
+        ),
+        (
+            "strata_pubsub_reconnects_total",
+            "counter",
+            "Times the invalidation subscriber (re)connected.",
+            s.pubsub_reconnects,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    out
 }
 
 impl Stats {
@@ -57,6 +265,11 @@ pub struct StatsSnapshot {
     pub l1_entries: u64,
     pub l1_capacity_bytes: u64,
     pub l1_evictions: u64,
+    pub purges: u64,
+    pub invalidations_sent: u64,
+    pub invalidations_received: u64,
+    pub invalidations_applied: u64,
+    pub pubsub_reconnects: u64,
     pub l2_errors: u64,
     pub l2_timeouts: u64,
     pub l2_writes: u64,
@@ -83,7 +296,32 @@ impl Stats {
             origin_errors: get(&self.origin_errors),
             coalesced: get(&self.coalesced),
             refreshes: get(&self.refreshes),
+            purges: get(&self.purges),
+            invalidations_sent: get(&self.invalidations_sent),
+            invalidations_received: get(&self.invalidations_received),
+            invalidations_applied: get(&self.invalidations_applied),
+            pubsub_reconnects: get(&self.pubsub_reconnects),
             ..StatsSnapshot::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(50));
+        histogram.observe(Duration::from_millis(3));
+        histogram.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        histogram.render(&mut out, "t", "test");
+        assert!(out.contains("t_bucket{le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("t_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("t_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("t_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("t_count 3\n"), "{out}");
     }
 }

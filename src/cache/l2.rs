@@ -44,6 +44,8 @@ pub struct L2Stats {
     pub writes: AtomicU64,
     pub dropped_writes: AtomicU64,
     pub corrupt: AtomicU64,
+    /// Duration of lookups (`GET`), whatever their outcome.
+    pub latency: crate::metrics::Histogram,
 }
 
 /// Skips a failing store for a while, then lets one request probe it.
@@ -290,8 +292,11 @@ impl L2 {
         let (_, store) = self.active()?;
         let redis_key = self.entry_key(key);
         let client = store.pool.next_connected().with_options(&self.options);
-        let value: Option<Bytes> = self.call(store, client.get(redis_key.as_str())).await?;
-        let value = value?;
+        let started = Instant::now();
+        // Outer None: the call failed; inner None: no such key.
+        let reply: Option<Option<Bytes>> = self.call(store, client.get(redis_key.as_str())).await;
+        self.stats.latency.observe(started.elapsed());
+        let value = reply.flatten()?;
         match decode_off_runtime(value, self.max_body).await {
             Ok(slot) => Some(slot),
             Err(error) => {
@@ -439,6 +444,23 @@ impl L2 {
                 ),
             )
             .await;
+    }
+
+    /// Whether some store answers `PING` now (readiness), trying them in priority order and ignoring
+    /// the breakers: this is the check that tells.
+    pub async fn ping(&self) -> bool {
+        for store in &self.stores {
+            let client = store.pool.next_connected().with_options(&self.options);
+            let pong = tokio::time::timeout(
+                self.timeout + Duration::from_millis(5),
+                client.ping::<String>(None),
+            )
+            .await;
+            if matches!(pong, Ok(Ok(_))) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Whether another instance still holds the fill lock for `key`.

@@ -107,6 +107,14 @@ impl Proxy {
         snapshot
     }
 
+    /// `None` without an L2; otherwise whether Redis answers a PING now.
+    pub async fn redis_reachable(&self) -> Option<bool> {
+        match self.0.cache.l2() {
+            Some(l2) => Some(l2.ping().await),
+            None => None,
+        }
+    }
+
     /// Gives Redis a moment to connect before traffic is served (at most `patience`); Strata serves
     /// either way.
     pub async fn await_l2_startup(&self, patience: std::time::Duration) {
@@ -139,7 +147,11 @@ impl Proxy {
             .or_else(|| uri.authority().map(|a| a.to_string()))
             .unwrap_or_default();
         let response = self.route(request, peer).await;
-        self.0.stats.count(cache_status_of(&response));
+        let status = cache_status_of(&response);
+        self.0.stats.count(status);
+        if status == CacheStatus::HitL1 {
+            self.0.stats.hit_latency.observe(started.elapsed());
+        }
         let x_cache = response
             .headers()
             .get(headers::X_CACHE)
@@ -149,7 +161,7 @@ impl Proxy {
             target: "strata::access",
             method = %method,
             host = %host,
-            path = %uri.path(),
+            path = %crate::telemetry::loggable(uri.path(), self.0.config.log_redact_keys),
             status = response.status().as_u16(),
             x_cache,
             // Time to the response headers (the body may still be streaming), in ms to the microsecond.
@@ -576,7 +588,10 @@ impl Proxy {
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
         Stats::incr(&self.0.stats.origin_requests);
-        self.0.origin.send(upstream).await
+        let started = Instant::now();
+        let result = self.0.origin.send(upstream).await;
+        self.0.stats.origin_latency.observe(started.elapsed());
+        result
     }
 
     /// An origin answer streamed to the client as it arrives.
