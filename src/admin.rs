@@ -3,19 +3,32 @@
 //! - `GET /ready` → 200 `{"status":"ready"|"degraded","redis":"up"|"down"|"disabled"}` (PINGs Redis).
 //! - `GET /stats` → counters, `hit_rate`, L1 size.
 //! - `GET /metrics` → Prometheus text format.
+//! - `POST /purge` `{"key"|"pattern"|"tags": ..., "soft": bool}` → what was removed.
+//! - `GET /cache?key=K` → the stored entry's metadata; `DELETE /cache?key=K` → purge it.
+//! - `POST /warm` `{"urls": [...], "host": "..."}` → each URL fetched through the cache.
 //!
 //! With `ADMIN_TOKEN` set, every route but `/health` needs `Authorization: Bearer <token>`.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use serde_json::json;
+
+use crate::invalidate::{Purge, Selector};
+use crate::proxy::PurgeOutcome;
 
 use crate::metrics::{render_prometheus, MetricsSources};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::Proxy;
 
-pub async fn handle<B>(proxy: Proxy, request: Request<B>) -> Response<ProxyBody> {
-    let path = request.uri().path();
+/// Largest admin request body (a purge or warm-up list).
+const MAX_BODY: usize = 1024 * 1024;
+
+pub async fn handle(proxy: Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
+    let path = request.uri().path().to_owned();
+    let path = path.as_str();
     if path == "/health" {
         return match *request.method() {
             Method::GET | Method::HEAD => json(StatusCode::OK, &json!({"status": "ok"})),
@@ -32,11 +45,47 @@ pub async fn handle<B>(proxy: Proxy, request: Request<B>) -> Response<ProxyBody>
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
-    match (request.method(), path) {
-        (&Method::GET, "/ready") => ready(&proxy).await,
-        (&Method::GET, "/stats") => stats(&proxy),
-        (&Method::GET, "/metrics") => metrics(&proxy),
-        (_, "/ready" | "/stats" | "/metrics") => method_not_allowed(),
+    let query_key = request.uri().query().and_then(|q| query_param(q, "key"));
+    match (request.method().clone(), path) {
+        (Method::GET, "/ready") => ready(&proxy).await,
+        (Method::GET, "/stats") => stats(&proxy),
+        (Method::GET, "/metrics") => metrics(&proxy),
+        (Method::POST, "/purge") => match read_body(request).await {
+            Err(response) => response,
+            Ok(body) => match Purge::from_json(&body) {
+                Ok(purge) => purged(proxy.purge(purge).await),
+                Err(error) => bad_request(&error.to_string()),
+            },
+        },
+        (Method::GET, "/cache") => match query_key {
+            None => bad_request("give the cache key: /cache?key=host/path?query"),
+            Some(key) => match proxy.describe(&key).await {
+                Some(description) => json(StatusCode::OK, &description),
+                None => not_found(),
+            },
+        },
+        (Method::DELETE, "/cache") => match query_key {
+            None => bad_request("give the cache key: /cache?key=host/path?query"),
+            Some(key) => {
+                let purge = Purge {
+                    selector: Selector::Key(key),
+                    soft: false,
+                };
+                let outcome = proxy.purge(purge).await;
+                if outcome.l1_removed + outcome.l2_removed == 0 {
+                    not_found()
+                } else {
+                    purged(outcome)
+                }
+            }
+        },
+        (Method::POST, "/warm") => match read_body(request).await {
+            Err(response) => response,
+            Ok(body) => warm(&proxy, &body).await,
+        },
+        (_, "/ready" | "/stats" | "/metrics" | "/purge" | "/cache" | "/warm") => {
+            method_not_allowed()
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             &json!({"error": "no such admin route"}),
@@ -128,6 +177,102 @@ fn metrics(proxy: &Proxy) -> Response<ProxyBody> {
     response
 }
 
+/// The answer to a purge, wherever it came from (admin API or the PURGE method).
+pub fn purged(outcome: PurgeOutcome) -> Response<ProxyBody> {
+    json(
+        StatusCode::OK,
+        &json!({
+            "l1_removed": outcome.l1_removed,
+            "l2_removed": outcome.l2_removed,
+            "broadcast": outcome.broadcast,
+        }),
+    )
+}
+
+async fn warm(proxy: &Proxy, body: &[u8]) -> Response<ProxyBody> {
+    let request: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(value) => value,
+        Err(error) => return bad_request(&format!("malformed JSON: {error}")),
+    };
+    let Some(urls) = request.get("urls").and_then(serde_json::Value::as_array) else {
+        return bad_request("give {\"urls\": [\"/path?query\", ...]} (and optionally \"host\")");
+    };
+    let urls: Option<Vec<&str>> = urls.iter().map(serde_json::Value::as_str).collect();
+    let Some(urls) =
+        urls.filter(|urls| !urls.is_empty() && urls.iter().all(|u| u.starts_with('/')))
+    else {
+        return bad_request("\"urls\" must be a non-empty list of paths starting with /");
+    };
+    let host = match request.get("host") {
+        None => proxy
+            .config()
+            .origin
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default(),
+        Some(serde_json::Value::String(host)) if !host.is_empty() => host.clone(),
+        Some(_) => return bad_request("\"host\" must be a non-empty string"),
+    };
+    let mut results = Vec::with_capacity(urls.len());
+    for url in urls {
+        let (status, x_cache) = proxy.warm(&host, url).await;
+        results.push(json!({"url": url, "status": status, "x_cache": x_cache}));
+    }
+    json(StatusCode::OK, &json!({ "results": results }))
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<ProxyBody>> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => Err(bad_request(&format!(
+            "cannot read the request body: {error}"
+        ))),
+    }
+}
+
+/// One percent-decoded query parameter.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name)
+            .then(|| percent_decode(value))
+            .filter(|v| !v.is_empty())
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = if bytes[i] == b'%' && i + 2 < bytes.len() {
+            hex(bytes[i + 1]).zip(hex(bytes[i + 2]))
+        } else {
+            None
+        };
+        match (escaped, bytes[i]) {
+            (Some((high, low)), _) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, other) => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn bad_request(message: &str) -> Response<ProxyBody> {
+    json(StatusCode::BAD_REQUEST, &json!({ "error": message }))
+}
+
+fn not_found() -> Response<ProxyBody> {
+    json(StatusCode::NOT_FOUND, &json!({"error": "not found"}))
+}
+
 fn method_not_allowed() -> Response<ProxyBody> {
     json(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -147,4 +292,20 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_keys_are_decoded() {
+        assert_eq!(
+            query_param("x=1&key=shared.test%2Fa%3Fb%3D1", "key").as_deref(),
+            Some("shared.test/a?b=1")
+        );
+        assert_eq!(query_param("key=", "key"), None);
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("a%zz+b"), "a%zz b");
+    }
 }

@@ -99,6 +99,7 @@ impl Coalescer {
             key: key.to_string(),
             flight,
             finished: false,
+            purge_generation: 0,
         })
     }
 
@@ -130,11 +131,22 @@ pub struct FlightPermit {
     key: String,
     flight: Arc<Flight>,
     finished: bool,
+    /// The purge generation when the fill began (see `crate::invalidate::PurgeLog`).
+    purge_generation: u64,
 }
 
 impl FlightPermit {
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Remembers the purge generation at which this fill begins.
+    pub fn begin_at(&mut self, purge_generation: u64) {
+        self.purge_generation = purge_generation;
+    }
+
+    pub fn purge_generation(&self) -> u64 {
+        self.purge_generation
     }
 
     /// True when the key was invalidated after this fill began. A fill stores first and asks this

@@ -22,7 +22,8 @@ use super::l1::{Slot, VaryRecord};
 use super::policy::Lifetime;
 
 const MAGIC: [u8; 2] = *b"ST";
-const VERSION: u8 = 1;
+/// 2: entries carry their surrogate keys.
+const VERSION: u8 = 2;
 const FLAG_ZSTD: u8 = 1;
 /// Payloads smaller than this are not worth a compression attempt.
 const COMPRESS_ABOVE: usize = 1024;
@@ -62,6 +63,7 @@ struct StoredEntry {
     never_stale: bool,
     honours_max_stale: bool,
     variant: Vec<(String, Vec<Bytes>)>,
+    tags: Vec<String>,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -115,6 +117,7 @@ pub fn encode(slot: &Slot) -> Vec<u8> {
                     )
                 })
                 .collect(),
+            tags: entry.tags.clone(),
         }),
     };
     // Serialising plain data into a Vec cannot fail; an empty payload would decode as corrupt.
@@ -203,6 +206,7 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
                 never_stale: e.never_stale,
                 honours_max_stale: e.honours_max_stale,
                 variant,
+                tags: e.tags,
             };
             let entry = Entry::new(
                 status,
@@ -240,6 +244,7 @@ mod tests {
                 http::header::ACCEPT_ENCODING,
                 vec![HeaderValue::from_static("gzip")],
             )],
+            tags: vec!["product-1".into(), "home".into()],
         };
         Slot::Entry(Arc::new(Entry::new(
             StatusCode::OK,
@@ -271,6 +276,7 @@ mod tests {
             millis(original.lifetime.fresh_until)
         );
         assert_eq!(decoded.variant, original.variant);
+        assert_eq!(decoded.tags, original.tags);
         assert_eq!(decoded.etag, original.etag);
     }
 

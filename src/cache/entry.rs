@@ -29,6 +29,8 @@ pub struct Entry {
     pub last_modified: Option<SystemTime>,
     /// For a response with `Vary`: each selecting header and the values the request had.
     pub variant: Vec<(HeaderName, Vec<HeaderValue>)>,
+    /// Surrogate keys (`Surrogate-Key`, `Cache-Tag`): what a tag purge matches.
+    pub tags: Vec<String>,
     weight: u64,
 }
 
@@ -40,6 +42,7 @@ pub struct Admission {
     pub never_stale: bool,
     pub honours_max_stale: bool,
     pub variant: Vec<(HeaderName, Vec<HeaderValue>)>,
+    pub tags: Vec<String>,
 }
 
 impl Entry {
@@ -58,6 +61,7 @@ impl Entry {
             never_stale,
             honours_max_stale,
             variant,
+            tags,
         } = admission;
         let mut headers = detach_headers(headers);
         headers.remove(header::AGE);
@@ -84,6 +88,7 @@ impl Entry {
             etag,
             last_modified,
             variant,
+            tags,
             weight,
         }
     }
@@ -140,6 +145,38 @@ impl Entry {
 
     pub fn has_validators(&self) -> bool {
         self.etag.is_some() || self.headers.contains_key(header::LAST_MODIFIED)
+    }
+
+    /// A copy that is stale from `now` on, keeping its stale-while-revalidate and stale-if-error
+    /// windows (soft purge: marked stale, not removed).
+    pub fn expired_at(&self, now: SystemTime) -> Entry {
+        let lifetime = &self.lifetime;
+        let window = |until: SystemTime| {
+            until
+                .duration_since(lifetime.fresh_until)
+                .unwrap_or_default()
+        };
+        let fresh_until = lifetime.fresh_until.min(now);
+        Entry {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            response_time: self.response_time,
+            lifetime: Lifetime {
+                fresh_until,
+                stale_while_revalidate_until: fresh_until
+                    + window(lifetime.stale_while_revalidate_until),
+                stale_if_error_until: fresh_until + window(lifetime.stale_if_error_until),
+                initial_age: lifetime.initial_age,
+            },
+            never_stale: self.never_stale,
+            honours_max_stale: self.honours_max_stale,
+            etag: self.etag.clone(),
+            last_modified: self.last_modified,
+            variant: self.variant.clone(),
+            tags: self.tags.clone(),
+            weight: self.weight,
+        }
     }
 
     /// Whether this variant was stored for a request with the same selecting headers as `request`.

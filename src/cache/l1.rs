@@ -137,6 +137,13 @@ impl L1 {
         }
     }
 
+    /// Every key and slot, shard by shard (a purge's scan; never on the request path).
+    pub fn snapshot(&self) -> Vec<(String, Slot)> {
+        self.store
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.iter().collect())
+    }
+
     pub fn remove(&self, key: &str) -> bool {
         self.store.as_ref().is_some_and(|s| s.remove(key).is_some())
     }

@@ -16,15 +16,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::clients::Pool;
-use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
+use fred::interfaces::{ClientLike, KeysInterface, LuaInterface, SetsInterface};
 use fred::types::config::Options;
 use fred::types::config::ReconnectPolicy;
+use fred::types::ExpireOptions;
 use fred::types::{Builder, Expiration, SetOptions};
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 
 use super::codec::{self, CodecError};
 use super::l1::Slot;
 use crate::config::RedisConfig;
+use crate::invalidate::{Purge, Selector};
 
 /// Consecutive failures after which a store is skipped for [`BREAKER_COOLDOWN`].
 const BREAKER_THRESHOLD: u32 = 5;
@@ -32,6 +35,12 @@ const BREAKER_THRESHOLD: u32 = 5;
 const BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 /// L2 writes waiting for Redis; past this a write is dropped (and counted), never awaited.
 const WRITE_QUEUE: usize = 1024;
+
+/// How long one store may take over one purge (SCANs of a large keyspace included).
+const PURGE_DEADLINE: Duration = Duration::from_secs(10);
+/// A tag set outlives the entries it names by at least this much (it is small; an expired set would
+/// let a tag purge miss live entries).
+const TAG_SET_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Deletes the lock only if we still own it: a lock that expired and was taken by another
 /// instance must not be released by us.
@@ -241,6 +250,10 @@ impl L2 {
         format!("{}e:{key}", self.prefix)
     }
 
+    fn tag_key(&self, tag: &str) -> String {
+        format!("{}t:{tag}", self.prefix)
+    }
+
     fn lock_key(&self, key: &str) -> String {
         format!("{}lock:{key}", self.prefix)
     }
@@ -370,16 +383,160 @@ impl L2 {
                 ),
             )
             .await;
-        if written.is_some() {
-            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        if written.is_none() {
+            return false;
         }
-        written.is_some()
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        if let Slot::Entry(entry) = slot {
+            // The tag index: one set per surrogate key naming the entries that carry it.
+            let set_ttl = i64::try_from(ttl.max(TAG_SET_MIN_TTL).as_millis()).unwrap_or(i64::MAX);
+            for tag in &entry.tags {
+                let set = self.tag_key(tag);
+                let _: Option<i64> = self.call(store, client.sadd(set.as_str(), key)).await;
+                // NX gives a new set its TTL, GT only ever extends it.
+                let _: Option<i64> = self
+                    .call(
+                        store,
+                        client.pexpire(set.as_str(), set_ttl, Some(ExpireOptions::NX)),
+                    )
+                    .await;
+                let _: Option<i64> = self
+                    .call(
+                        store,
+                        client.pexpire(set.as_str(), set_ttl, Some(ExpireOptions::GT)),
+                    )
+                    .await;
+            }
+        }
+        true
     }
 
     async fn delete_from(&self, store: &Store, key: &str) -> bool {
         let client = store.pool.next_connected().with_options(&self.options);
         let deleted: Option<i64> = self.call(store, client.del(self.entry_key(key))).await;
         deleted.is_some()
+    }
+
+    /// Applies a purge to every store (not only the active one: a failover list may hold copies in
+    /// several); returns how many entries it concerned.
+    pub async fn purge(&self, purge: &Purge, now: std::time::SystemTime) -> u64 {
+        let mut concerned = 0;
+        for store in &self.stores {
+            match tokio::time::timeout(PURGE_DEADLINE, self.purge_store(store, purge, now)).await {
+                Ok(n) => concerned += n,
+                Err(_) => tracing::warn!(
+                    "purge did not finish on a Redis store within {PURGE_DEADLINE:?}"
+                ),
+            }
+        }
+        concerned
+    }
+
+    async fn purge_store(&self, store: &Store, purge: &Purge, now: std::time::SystemTime) -> u64 {
+        let client = store.pool.next_connected().with_options(&self.options);
+        let mut tag_sets = Vec::new();
+        let keys: Vec<String> = match &purge.selector {
+            Selector::Key(key) => vec![self.entry_key(key)],
+            Selector::Pattern(pattern) => {
+                let pattern = format!(
+                    "{}e:{}",
+                    escape_glob(&self.prefix),
+                    escape_glob_but_stars(pattern)
+                );
+                self.scan(store, &pattern).await
+            }
+            Selector::Tags(tags) => {
+                let mut keys = Vec::new();
+                for tag in tags {
+                    let set = self.tag_key(tag);
+                    let members: Option<Vec<String>> =
+                        self.call(store, client.smembers(set.as_str())).await;
+                    keys.extend(
+                        members
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|m| self.entry_key(m)),
+                    );
+                    tag_sets.push(set);
+                }
+                keys
+            }
+        };
+        let mut concerned = 0;
+        for key in &keys {
+            let done = if purge.soft {
+                self.expire_in_place(store, key, now).await
+            } else {
+                let removed: Option<i64> = self.call(store, client.unlink(key.as_str())).await;
+                removed.is_some_and(|n| n > 0)
+            };
+            concerned += u64::from(done);
+        }
+        if !purge.soft {
+            for set in tag_sets {
+                let _: Option<i64> = self.call(store, client.unlink(set.as_str())).await;
+            }
+        }
+        concerned
+    }
+
+    /// Soft purge of one Redis entry: rewritten stale from `now` on, its TTL kept.
+    async fn expire_in_place(
+        &self,
+        store: &Store,
+        redis_key: &str,
+        now: std::time::SystemTime,
+    ) -> bool {
+        let client = store.pool.next_connected().with_options(&self.options);
+        let value: Option<Option<Bytes>> = self.call(store, client.get(redis_key)).await;
+        let Some(value) = value.flatten() else {
+            return false;
+        };
+        let Ok(Slot::Entry(entry)) = decode_off_runtime(value, self.max_body).await else {
+            return false;
+        };
+        if !entry.is_fresh(now) {
+            return false;
+        }
+        let expired = Slot::Entry(Arc::new(entry.expired_at(now)));
+        let value = Bytes::from(encode_off_runtime(&expired).await);
+        let written: Option<()> = self
+            .call(
+                store,
+                client.set(redis_key, value, Some(Expiration::KEEPTTL), None, false),
+            )
+            .await;
+        written.is_some()
+    }
+
+    /// Every key matching `pattern` on this store (all masters of a cluster), within the deadline.
+    async fn scan(&self, store: &Store, pattern: &str) -> Vec<String> {
+        let client = store.pool.next_connected();
+        let mut keys = Vec::new();
+        let mut found = if client.is_clustered() {
+            client
+                .scan_cluster_buffered(pattern.to_owned(), Some(1000), None)
+                .boxed()
+        } else {
+            client
+                .scan_buffered(pattern.to_owned(), Some(1000), None)
+                .boxed()
+        };
+        while let Some(key) = found.next().await {
+            match key {
+                Ok(key) => {
+                    if let Some(key) = key.as_str() {
+                        keys.push(key.to_owned());
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "SCAN failed during a purge");
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        keys
     }
 
     /// Waits until every queued write has been attempted.
@@ -556,6 +713,27 @@ async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
         }
         l2.write_done();
     }
+}
+
+/// Escapes Redis MATCH syntax so `text` matches only itself.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// A Strata pattern (only `*` is special) in Redis MATCH syntax.
+fn escape_glob_but_stars(pattern: &str) -> String {
+    pattern
+        .split('*')
+        .map(escape_glob)
+        .collect::<Vec<_>>()
+        .join("*")
 }
 
 /// Distinguishes this process's lock values from other instances'.

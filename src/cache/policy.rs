@@ -228,7 +228,31 @@ pub fn admit(
         never_stale,
         honours_max_stale: !never_stale && !directives.s_maxage,
         variant,
+        tags: surrogate_keys(headers),
     })
+}
+
+pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+
+/// The response's surrogate keys: `Surrogate-Key` (space-separated, Fastly) and `Cache-Tag`
+/// (comma-separated, Cloudflare), deduplicated.
+pub fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    let space = headers
+        .get_all(SURROGATE_KEY)
+        .iter()
+        .flat_map(|v| v.to_str().ok().into_iter().flat_map(str::split_whitespace));
+    let comma = headers
+        .get_all(CACHE_TAG)
+        .iter()
+        .flat_map(|v| v.to_str().ok().into_iter().flat_map(|v| v.split(',')));
+    for tag in space.chain(comma).map(str::trim).filter(|t| !t.is_empty()) {
+        if !tags.iter().any(|known| known == tag) {
+            tags.push(tag.to_owned());
+        }
+    }
+    tags
 }
 
 /// Rewrites `Cache-Control` where http-cache-semantics departs from RFC 9111 (only when needed):
@@ -477,6 +501,16 @@ mod tests {
             headers(&[("cache-control", "max-age=60"), ("cache-control", "public")]);
         normalize_for_policy(&mut untouched);
         assert_eq!(untouched.get_all(header::CACHE_CONTROL).iter().count(), 2);
+    }
+
+    #[test]
+    fn surrogate_keys_from_both_headers() {
+        let h = headers(&[
+            ("surrogate-key", "a  b"),
+            ("cache-tag", "c, d,b"),
+            ("surrogate-key", "e"),
+        ]);
+        assert_eq!(surrogate_keys(&h), ["a", "b", "e", "c", "d"]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::l1::{Slot, VaryRecord, L1};
 use super::l2::L2;
 use super::PurgeReason;
 use crate::config::Config;
+use crate::invalidate::{Purge, Selector};
 
 /// A vary record outlives its variants in L2 by at least this much: it is tiny, and a record that
 /// expired first would hide variants that are still good.
@@ -163,6 +164,52 @@ impl Cache {
         Placement {
             storage_key,
             record: Some(record),
+        }
+    }
+
+    /// Applies a purge to L1: removes (or, soft, marks stale) every matching response. Returns how
+    /// many responses it concerned.
+    pub fn purge_l1(&self, purge: &Purge, now: SystemTime) -> u64 {
+        // A hard key purge needs no scan: without the URL's slot its variants cannot be found.
+        if let (Selector::Key(key), false) = (&purge.selector, purge.soft) {
+            return match self.l1.get(key) {
+                Some(Slot::Entry(_)) | Some(Slot::Vary(_)) => u64::from(self.l1.remove(key)),
+                Some(Slot::Pass(_)) | None => 0,
+            };
+        }
+        let mut concerned = 0;
+        for (storage_key, slot) in self.l1.snapshot() {
+            let primary = storage_key.split('\u{0}').next().unwrap_or(&storage_key);
+            match slot {
+                Slot::Entry(entry) if purge.matches(primary, &entry.tags) => {
+                    if !purge.soft {
+                        self.l1.remove(&storage_key);
+                        concerned += 1;
+                    } else if entry.is_fresh(now) {
+                        self.l1
+                            .insert(storage_key, Slot::Entry(Arc::new(entry.expired_at(now))));
+                        concerned += 1;
+                    }
+                }
+                // Records and markers of a purged URL go too (not for tags: they carry none).
+                Slot::Vary(_) | Slot::Pass(_)
+                    if !purge.soft
+                        && !matches!(purge.selector, Selector::Tags(_))
+                        && purge.matches(primary, &[]) =>
+                {
+                    self.l1.remove(&storage_key);
+                }
+                _ => {}
+            }
+        }
+        concerned
+    }
+
+    /// Applies a purge to every L2 store; returns how many Redis entries it concerned.
+    pub async fn purge_l2(&self, purge: &Purge, now: SystemTime) -> u64 {
+        match &self.l2 {
+            Some(l2) => l2.purge(purge, now).await,
+            None => 0,
         }
     }
 

@@ -27,6 +27,7 @@ use crate::cache::entry::{detach_body, Admission};
 use crate::cache::l2::{Lock, LockToken, L2};
 use crate::cache::policy::{
     admit, forbids_storing, later, merge_not_modified, revalidation_matches, NotStorable,
+    CACHE_TAG, SURROGATE_KEY,
 };
 use crate::cache::{Entry, PurgeReason};
 use crate::coalesce::FlightPermit;
@@ -97,10 +98,11 @@ impl Proxy {
         parts: Parts,
         target: &Target,
         mut stored: Option<Arc<Entry>>,
-        permit: FlightPermit,
+        mut permit: FlightPermit,
         fwd: Fwd,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
+        permit.begin_at(inner.purge_log.generation());
         let Some(l2) = inner.cache.l2().cloned() else {
             return self
                 .fetch_as_leader(parts, target, stored, permit, fwd, FleetLock::none())
@@ -289,6 +291,9 @@ impl Proxy {
                 return self.pass_through(response, Detail::Miss { stored: false, fwd });
             }
         };
+        if !inner.config.surrogate_headers_visible {
+            hide_surrogate_headers(&mut response_parts.headers);
+        }
         let declared_length = response_parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -390,7 +395,13 @@ impl Proxy {
             inner.cache.store(key, entry.clone(), request_headers, now);
         }
         lock.release().await;
-        if permit.is_invalidated() {
+        let overtaken = permit.is_invalidated()
+            || inner
+                .purge_log
+                .overtaken(permit.purge_generation(), key, &entry.tags);
+        if overtaken {
+            // A purge that concerns this response arrived while it was being fetched: what was
+            // just stored must not outlive it (an in-flight request never undoes a purge).
             inner.cache.purge(key, PurgeReason::Invalidation);
             permit.release();
         } else if entry.is_fresh(inner.clock.now()) {
@@ -600,6 +611,12 @@ fn policy_request(parts: &Parts, host: &str) -> Parts {
         }
     }
     request
+}
+
+/// Surrogate keys are for this cache, not for clients (unless `SURROGATE_HEADERS_VISIBLE`).
+pub(super) fn hide_surrogate_headers(headers: &mut http::HeaderMap) {
+    headers.remove(SURROGATE_KEY);
+    headers.remove(CACHE_TAG);
 }
 
 /// Asks the origin for a 304 if the stored copy is still current.
