@@ -1,12 +1,25 @@
 //! Purges: what to take out of the cache (one key, a glob over keys, or surrogate keys), hard or soft
-//! (marked stale, Fastly's semantics), and the log that keeps a fill which began before a matching
-//! purge from storing its result after it.
+//! (marked stale, Fastly's semantics); the log that keeps a fill which began before a matching purge
+//! from storing its result after it; and the broadcast that takes every purge to every instance.
+//!
+//! Broadcast: each purge is numbered and published atomically (`INCR` + `PUBLISH` in one script) on
+//! `{prefix}invalidate`. Pub/sub is at-most-once, so an instance that sees a gap in the numbers, a
+//! subscriber reconnect, or its receiver lagging flushes its L1 (L2 stays the truth). The receive
+//! loop is ours: fred's own helpers end silently on lag. A purge that cannot be published (Redis
+//! down) is applied locally, answered `"broadcast": false`, and re-applied to L2 and published when
+//! Redis returns.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
 
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::metrics::Stats;
+use crate::proxy::{Inner, Proxy};
 
 /// Purges remembered for the generation check; a fill older than the oldest of them is refused.
 const LOG_CAPACITY: usize = 1024;
@@ -176,6 +189,228 @@ impl PurgeLog {
                 .any(|(_, purge)| purge.matches(key, tags)),
         }
     }
+}
+
+/// Purges waiting for Redis; past this the oldest are replaced by one purge of everything (safe:
+/// L1s refill from L2 and the origin).
+const PENDING_CAPACITY: usize = 10_000;
+/// How often purges that could not be published are tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// What travels on the channel, after the sequence number.
+#[derive(Serialize, Deserialize)]
+struct Message {
+    /// The publishing instance (it applied the purge already).
+    from: String,
+    purge: Purge,
+}
+
+/// Purges applied locally that Redis has not seen yet.
+#[derive(Default)]
+pub struct Pending {
+    // std Mutex: held to push or take, never across an .await.
+    purges: Mutex<VecDeque<Purge>>,
+}
+
+impl Pending {
+    fn push(&self, purge: Purge) {
+        let mut purges = self.purges.lock().unwrap_or_else(|p| p.into_inner());
+        if purges.len() >= PENDING_CAPACITY {
+            purges.clear();
+            purges.push_back(Purge {
+                selector: Selector::Pattern("*".into()),
+                soft: false,
+            });
+            tracing::warn!(
+                "too many purges waiting for Redis: everything will be purged when it returns"
+            );
+        }
+        purges.push_back(purge);
+    }
+
+    fn front(&self) -> Option<Purge> {
+        self.purges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .front()
+            .cloned()
+    }
+
+    fn pop(&self) {
+        self.purges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+    }
+}
+
+impl Proxy {
+    /// Publishes a purge this instance applied; `false` when Redis could not take it (it is queued
+    /// and published when Redis returns).
+    pub(crate) async fn broadcast(&self, purge: &Purge) -> bool {
+        let inner = &self.0;
+        if inner.cache.l2().is_none() {
+            return false;
+        }
+        let published = publish(inner, purge).await;
+        if !published {
+            inner.pending.push(purge.clone());
+        }
+        published
+    }
+
+    /// Starts the subscriber of every store and the retry of unpublished purges.
+    pub(crate) fn start_broadcast(&self) {
+        let Some(l2) = self.0.cache.l2() else { return };
+        let channel = l2.channel();
+        for client in l2.subscribers() {
+            tokio::spawn(subscribe(
+                std::sync::Arc::downgrade(&self.0),
+                client,
+                channel.clone(),
+            ));
+        }
+        tokio::spawn(retry_pending(std::sync::Arc::downgrade(&self.0)));
+    }
+}
+
+async fn publish(inner: &Inner, purge: &Purge) -> bool {
+    let Some(l2) = inner.cache.l2() else {
+        return false;
+    };
+    let message = Message {
+        from: inner.instance.clone(),
+        purge: purge.clone(),
+    };
+    let Ok(payload) = serde_json::to_string(&message) else {
+        return false;
+    };
+    let published = l2.publish(&payload).await.is_some();
+    if published {
+        Stats::incr(&inner.stats.invalidations_sent);
+    }
+    published
+}
+
+/// Publishes, in order, the purges Redis missed, after applying each to L2 (which was down too).
+async fn retry_pending(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(RETRY_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        // L2 first, then the others' L1s: published first, another instance could refill its L1 from
+        // the copy still in L2.
+        while let Some(purge) = inner.pending.front() {
+            let Some(l2) = inner.cache.l2() else { break };
+            if !l2.ping().await {
+                break;
+            }
+            let now = inner.clock.now();
+            inner.cache.purge_l2(&purge, now).await;
+            if !publish(&inner, &purge).await {
+                break;
+            }
+            inner.pending.pop();
+            tracing::info!("a purge made while Redis was away is now published");
+        }
+    }
+}
+
+/// One store's subscriber: (re)subscribes whenever its connection is (re)established and applies
+/// what other instances publish. Anything that may have lost a message flushes L1.
+async fn subscribe(inner: Weak<Inner>, client: fred::clients::Client, channel: String) {
+    let mut messages = client.message_rx();
+    let mut reconnects = client.reconnect_rx();
+    let mut first = true;
+    loop {
+        if inner.strong_count() == 0 {
+            return;
+        }
+        if client.wait_for_connect().await.is_err()
+            || client.subscribe(channel.as_str()).await.is_err()
+        {
+            tokio::time::sleep(RETRY_EVERY).await;
+            continue;
+        }
+        // A connection event that came before this subscription is this subscription.
+        while reconnects.try_recv().is_ok() {}
+        match inner.upgrade() {
+            Some(inner) if !first => {
+                Stats::incr(&inner.stats.pubsub_reconnects);
+                flush_l1(&inner, "the invalidation subscriber reconnected");
+            }
+            Some(inner) => {
+                Stats::incr(&inner.stats.pubsub_reconnects);
+                first = false;
+            }
+            None => return,
+        }
+        let mut last_seq: Option<u64> = None;
+        loop {
+            tokio::select! {
+                message = messages.recv() => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    match message {
+                        Ok(message) => {
+                            if let Some(text) = message.value.as_str() {
+                                receive(&inner, &text, &mut last_seq);
+                            }
+                        }
+                        Err(RecvError::Lagged(missed)) => {
+                            flush_l1(&inner, &format!("the invalidation receiver lagged ({missed} messages)"));
+                        }
+                        Err(RecvError::Closed) => return,
+                    }
+                }
+                reconnected = reconnects.recv() => {
+                    if matches!(reconnected, Err(RecvError::Closed)) {
+                        return;
+                    }
+                    break; // subscribe again on the new connection
+                }
+            }
+        }
+    }
+}
+
+/// Applies one published purge (unless it is ours) and checks the numbering for gaps.
+fn receive(inner: &Inner, text: &str, last_seq: &mut Option<u64>) {
+    let Some((seq, payload)) = text.split_once(' ') else {
+        return;
+    };
+    let (Ok(seq), Ok(message)) = (seq.parse::<u64>(), serde_json::from_str::<Message>(payload))
+    else {
+        tracing::warn!("unreadable message on the invalidation channel; ignored");
+        return;
+    };
+    if let Some(last) = *last_seq {
+        if seq > last + 1 {
+            flush_l1(
+                inner,
+                &format!("invalidations {}..{} were missed", last + 1, seq - 1),
+            );
+        }
+    }
+    *last_seq = Some(last_seq.map_or(seq, |last| last.max(seq)));
+    if message.from == inner.instance {
+        return;
+    }
+    Stats::incr(&inner.stats.invalidations_received);
+    inner.purge_log.record(&message.purge);
+    let now = inner.clock.now();
+    inner.cache.purge_l1(&message.purge, now);
+    Stats::incr(&inner.stats.invalidations_applied);
+}
+
+fn flush_l1(inner: &Inner, why: &str) {
+    tracing::warn!(
+        why,
+        "flushing L1: an invalidation may have been missed (L2 stays the truth)"
+    );
+    inner.purge_log.record(&Purge {
+        selector: Selector::Pattern("*".into()),
+        soft: false,
+    });
+    inner.cache.l1().clear();
 }
 
 #[cfg(test)]

@@ -144,6 +144,13 @@ impl L1 {
             .map_or_else(Vec::new, |s| s.iter().collect())
     }
 
+    /// Drops everything (after a missed invalidation: L2 stays the truth).
+    pub fn clear(&self) {
+        if let Some(store) = &self.store {
+            store.clear();
+        }
+    }
+
     pub fn remove(&self, key: &str) -> bool {
         self.store.as_ref().is_some_and(|s| s.remove(key).is_some())
     }

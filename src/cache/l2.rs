@@ -36,6 +36,9 @@ const BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 /// L2 writes waiting for Redis; past this a write is dropped (and counted), never awaited.
 const WRITE_QUEUE: usize = 1024;
 
+/// Numbers and publishes an invalidation atomically, so messages arrive in sequence order.
+const PUBLISH_SCRIPT: &str = "local seq = redis.call('incr', KEYS[1]); redis.call('publish', ARGV[1], seq .. ' ' .. ARGV[2]); return seq";
+
 /// How long one store may take over one purge (SCANs of a large keyspace included).
 const PURGE_DEADLINE: Duration = Duration::from_secs(10);
 /// A tag set outlives the entries it names by at least this much (it is small; an expired set would
@@ -131,6 +134,9 @@ impl Breaker {
 struct Store {
     pool: Pool,
     breaker: Breaker,
+    /// A dedicated connection for the invalidation channel (a subscribed connection can run
+    /// nothing else).
+    subscriber: fred::clients::Client,
 }
 
 enum Write {
@@ -194,9 +200,17 @@ impl L2 {
                 // Forever (0 attempts = unlimited), 100 ms doubling to 2 s.
                 .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
                 .build_pool(config.pool_size)?;
+            let subscriber = Builder::from_config(store_config.clone())
+                .with_connection_config(|c| {
+                    c.connection_timeout = Duration::from_secs(2);
+                    c.internal_command_timeout = Duration::from_secs(2);
+                })
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+                .build()?;
             stores.push(Store {
                 pool,
                 breaker: Breaker::new(),
+                subscriber,
             });
         }
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
@@ -224,6 +238,7 @@ impl L2 {
             for client in store.pool.clients() {
                 tokio::spawn(supervise(Arc::downgrade(&l2), client.clone()));
             }
+            tokio::spawn(supervise(Arc::downgrade(&l2), store.subscriber.clone()));
         }
         Ok(l2)
     }
@@ -620,6 +635,38 @@ impl L2 {
         false
     }
 
+    /// The invalidation channel (`{prefix}invalidate`).
+    pub fn channel(&self) -> String {
+        format!("{}invalidate", self.prefix)
+    }
+
+    /// Publishes an invalidation on the active store; its sequence number, or `None` when Redis
+    /// could not take it.
+    pub async fn publish(&self, payload: &str) -> Option<u64> {
+        let (_, store) = self.active()?;
+        let client = store.pool.next_connected().with_options(&self.options);
+        let sequence_key = format!("{}invalidate:seq", self.prefix);
+        let seq: Option<i64> = self
+            .call(
+                store,
+                client.eval(
+                    PUBLISH_SCRIPT,
+                    vec![sequence_key],
+                    vec![self.channel(), payload.to_string()],
+                ),
+            )
+            .await;
+        seq.and_then(|seq| u64::try_from(seq).ok())
+    }
+
+    /// One subscriber connection per store, with the receivers the invalidation loop owns.
+    pub fn subscribers(&self) -> Vec<fred::clients::Client> {
+        self.stores
+            .iter()
+            .map(|store| store.subscriber.clone())
+            .collect()
+    }
+
     /// Whether another instance still holds the fill lock for `key`.
     pub async fn is_locked(&self, key: &str) -> Option<bool> {
         let (_, store) = self.active()?;
@@ -686,7 +733,14 @@ impl Drop for L2 {
         let clients: Vec<_> = self
             .stores
             .iter()
-            .flat_map(|store| store.pool.clients().iter().cloned())
+            .flat_map(|store| {
+                store
+                    .pool
+                    .clients()
+                    .iter()
+                    .cloned()
+                    .chain([store.subscriber.clone()])
+            })
             .collect();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {

@@ -30,7 +30,7 @@ use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
 use crate::clock::Clock;
 use crate::coalesce::{Coalescer, FlightPermit, Join, Waited};
 use crate::config::Config;
-use crate::invalidate::{Purge, PurgeLog, Selector};
+use crate::invalidate::{Pending, Purge, PurgeLog, Selector};
 use crate::metrics::{Stats, StatsSnapshot};
 use body::ProxyBody;
 use origin::{Origin, OriginError};
@@ -62,6 +62,10 @@ pub(crate) struct Inner {
     pub(crate) stats: Stats,
     pub(crate) clock: Clock,
     pub(crate) purge_log: PurgeLog,
+    /// Purges applied here that Redis has not published yet.
+    pub(crate) pending: Pending,
+    /// This process on the invalidation channel (its own messages are not applied twice).
+    pub(crate) instance: String,
 }
 
 /// A running proxy's shared state; cheap to clone.
@@ -79,15 +83,19 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, StartError> {
         let origin = Origin::new(&config)?;
         let cache = Cache::new(&config)?;
-        Ok(Proxy(Arc::new(Inner {
+        let proxy = Proxy(Arc::new(Inner {
             cache,
             coalescer: Coalescer::new(),
             origin,
             stats: Stats::default(),
             clock: Clock::default(),
             purge_log: PurgeLog::default(),
+            pending: Pending::default(),
+            instance: instance_name(),
             config,
-        })))
+        }));
+        proxy.start_broadcast();
+        Ok(proxy)
     }
 
     pub fn config(&self) -> &Config {
@@ -503,6 +511,15 @@ impl Proxy {
         });
         self.0.coalescer.invalidate(key);
         self.0.cache.purge(key, PurgeReason::Invalidation);
+        if self.0.cache.l2().is_some() {
+            // Other instances' L1 copies go too; off the response path.
+            let proxy = self.clone();
+            let purge = Purge {
+                selector: Selector::Key(key.to_string()),
+                soft: false,
+            };
+            tokio::spawn(async move { proxy.broadcast(&purge).await });
+        }
     }
 
     /// The stored response for a cache key, as the admin API shows it (`GET /cache`).
@@ -646,10 +663,11 @@ impl Proxy {
         let now = inner.clock.now();
         let l1_removed = inner.cache.purge_l1(&purge, now);
         let l2_removed = inner.cache.purge_l2(&purge, now).await;
+        let broadcast = self.broadcast(&purge).await;
         PurgeOutcome {
             l1_removed,
             l2_removed,
-            broadcast: false,
+            broadcast,
         }
     }
 
@@ -822,6 +840,14 @@ impl Proxy {
             drop(response);
         });
     }
+}
+
+/// This process's name on the invalidation channel: pid and start time, unique enough for a fleet.
+fn instance_name() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{:x}-{:x}", std::process::id(), nanos)
 }
 
 /// Whether a stored entry satisfies the request's own directives (RFC 9111 §5.2.1).

@@ -1,0 +1,416 @@
+//! Invalidation across instances: a purge on one instance reaches the others' L1 through Redis
+//! pub/sub (key, pattern, tags, soft), survives Redis outages and restarts, and is not undone by a
+//! fill that was in flight when it arrived.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::*;
+
+const TOKEN: &str = "inval-s3cret-token";
+/// Every traffic request carries this Host, so all instances compute the same cache keys.
+const HOST: &str = "shared.test";
+/// How long another instance may take to apply a purge once the purge was answered.
+const PROPAGATION_LIMIT: Duration = Duration::from_secs(2);
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A Strata instance on `redis` with ADMIN_TOKEN and a patient REDIS_TIMEOUT (a loaded 2-core box
+/// can stall one 50 ms call; these tests assert what is applied, not how fast Redis answers).
+async fn instance(origin: &MockOrigin, redis: &RedisServer) -> TestProxy {
+    let url = redis.url();
+    TestProxy::start(
+        &origin.url(),
+        &[
+            ("ADMIN_TOKEN", TOKEN),
+            ("REDIS_URL", &url),
+            ("REDIS_TIMEOUT", "2s"),
+        ],
+    )
+    .await
+}
+
+async fn flush_l2(proxy: &TestProxy) {
+    within("flush_l2", secs(15), proxy.proxy.flush_l2()).await;
+}
+
+async fn sget(proxy: &TestProxy, path: &str) -> Resp {
+    get(&proxy.url(path), &[("host", HOST)]).await
+}
+
+/// Asserts status 200, the X-Cache value and the body.
+#[track_caller]
+fn expect(resp: &Resp, x_cache: &str, body: &str) {
+    assert_eq!(
+        (resp.status.as_u16(), resp.x_cache(), resp.text().as_str()),
+        (200, x_cache, body),
+        "headers: {:?}",
+        resp.headers
+    );
+}
+
+#[track_caller]
+fn json_of(resp: &Resp) -> Value {
+    serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", resp.text()))
+}
+
+/// POST /purge on `proxy`; asserts 200 and returns the reply.
+async fn purge(proxy: &TestProxy, body: Value) -> Value {
+    let auth = format!("Bearer {TOKEN}");
+    let resp = request(
+        "POST",
+        &proxy.admin_url("/purge"),
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "purge {body}: {:?}", resp.text());
+    let v = json_of(&resp);
+    assert!(
+        v["l1_removed"].is_u64() && v["l2_removed"].is_u64() && v["broadcast"].is_boolean(),
+        "purge {body}: reply {v}"
+    );
+    v
+}
+
+/// An origin answering `{path} v{n}` (n = the path's hit number) with `cache_control`, tagged
+/// `grp` when the path starts with /tagged.
+async fn versioned_origin(cache_control: &'static str) -> MockOrigin {
+    MockOrigin::start(move |r| {
+        let reply = Reply::ok(format!("{} v{}", r.path, r.hit)).cc(cache_control);
+        if r.path.starts_with("/tagged") {
+            reply.header("surrogate-key", "grp other")
+        } else {
+            reply
+        }
+    })
+    .await
+}
+
+/// Fills `path` on A, then B takes it from L2 into its own L1.
+async fn prime(a: &TestProxy, b: &TestProxy, path: &str) {
+    let body = format!("{path} v1");
+    expect(&sget(a, path).await, "MISS", &body);
+    flush_l2(a).await;
+    expect(&sget(b, path).await, "HIT-L2", &body);
+    expect(&sget(b, path).await, "HIT-L1", &body);
+}
+
+/// Polls `path` on B until it is no longer an L1 hit (bounded by `limit`); returns that answer and
+/// how long it took from `since`.
+async fn wait_not_hit(
+    b: &TestProxy,
+    path: &str,
+    since: Instant,
+    limit: Duration,
+) -> (Resp, Duration) {
+    let deadline = since + limit;
+    loop {
+        let r = sget(b, path).await;
+        assert_eq!(r.status, 200, "{path} on B");
+        if r.x_cache() != "HIT-L1" {
+            return (r, since.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path}: B still answers HIT-L1 {limit:?} after the purge; B {:?}",
+            b.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Asserts B misses `path` (origin asked again) within PROPAGATION_LIMIT of `since`.
+async fn b_misses(b: &TestProxy, origin: &MockOrigin, path: &str, since: Instant) -> Duration {
+    let before = origin.hits(path);
+    let (r, took) = wait_not_hit(b, path, since, PROPAGATION_LIMIT).await;
+    assert_eq!(
+        r.x_cache(),
+        "MISS",
+        "{path} on B after the purge: {:?}",
+        r.headers
+    );
+    assert_eq!(
+        origin.hits(path),
+        before + 1,
+        "{path}: origin not asked again"
+    );
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_purge_on_a_reaches_b() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+    prime(&a, &b, "/inv/key").await;
+    prime(&a, &b, "/inv/untouched").await;
+    let (sent, received, applied) = {
+        let (sa, sb) = (a.stats(), b.stats());
+        (
+            sa.invalidations_sent,
+            sb.invalidations_received,
+            sb.invalidations_applied,
+        )
+    };
+
+    let v = purge(&a, json!({"key": "shared.test/inv/key"})).await;
+    let answered = Instant::now();
+    assert_eq!(v["broadcast"], true, "{v}");
+    assert_eq!(v["l1_removed"], 1, "{v}");
+    assert!(v["l2_removed"].as_u64().unwrap() >= 1, "{v}");
+    let took = b_misses(&b, &origin, "/inv/key", answered).await;
+    println!("key purge: B missed {took:?} after A answered");
+    let r = sget(&b, "/inv/untouched").await;
+    expect(&r, "HIT-L1", "/inv/untouched v1");
+
+    wait_until("A counts the sent invalidation", || {
+        a.stats().invalidations_sent > sent
+    })
+    .await;
+    wait_until("B counts the received and applied invalidation", || {
+        let s = b.stats();
+        s.invalidations_received > received && s.invalidations_applied > applied
+    })
+    .await;
+    assert!(a.stats().purges >= 1, "{:?}", a.stats());
+
+    // The same counters on B's /metrics.
+    let auth = format!("Bearer {TOKEN}");
+    let metrics = get(&b.admin_url("/metrics"), &[("authorization", &auth)]).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for family in [
+        "strata_invalidations_received_total",
+        "strata_invalidations_applied_total",
+    ] {
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(family)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {family} sample in:\n{text}"));
+        assert!(value >= 1.0, "{family} {value}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pattern_purge_on_a_reaches_b() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+    for path in ["/inv/p/1", "/inv/p/2/deep", "/inv/keep"] {
+        prime(&a, &b, path).await;
+    }
+
+    let v = purge(&a, json!({"pattern": "shared.test/inv/p/*"})).await;
+    let answered = Instant::now();
+    assert_eq!(v["broadcast"], true, "{v}");
+    assert_eq!(v["l1_removed"], 2, "{v}");
+    for path in ["/inv/p/1", "/inv/p/2/deep"] {
+        let took = b_misses(&b, &origin, path, answered).await;
+        println!("pattern purge: B missed {path} {took:?} after A answered");
+    }
+    expect(&sget(&b, "/inv/keep").await, "HIT-L1", "/inv/keep v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_purge_on_a_reaches_b() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+    for path in ["/tagged/1", "/tagged/2", "/plain"] {
+        prime(&a, &b, path).await;
+    }
+
+    // B's copies came from L2: their tags must have travelled with them.
+    let v = purge(&a, json!({"tags": ["grp"]})).await;
+    let answered = Instant::now();
+    assert_eq!(v["broadcast"], true, "{v}");
+    assert_eq!(v["l1_removed"], 2, "{v}");
+    for path in ["/tagged/1", "/tagged/2"] {
+        let took = b_misses(&b, &origin, path, answered).await;
+        println!("tag purge: B missed {path} {took:?} after A answered");
+    }
+    expect(&sget(&b, "/plain").await, "HIT-L1", "/plain v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_purge_on_a_makes_b_serve_stale() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300, stale-while-revalidate=60").await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+    prime(&a, &b, "/inv/soft").await;
+
+    let v = purge(&a, json!({"key": "shared.test/inv/soft", "soft": true})).await;
+    let answered = Instant::now();
+    assert_eq!(v["broadcast"], true, "{v}");
+    let (r, took) = wait_not_hit(&b, "/inv/soft", answered, PROPAGATION_LIMIT).await;
+    expect(&r, "STALE", "/inv/soft v1");
+    println!("soft purge: B served STALE {took:?} after A answered");
+
+    // B's stale answer triggered a refresh; the refreshed copy is served afterwards.
+    origin.wait_hits("/inv/soft", 2).await;
+    let deadline = Instant::now() + secs(10);
+    loop {
+        let r = sget(&b, "/inv/soft").await;
+        if r.text() == "/inv/soft v2" {
+            assert!(
+                matches!(r.x_cache(), "HIT-L1" | "HIT-L2"),
+                "refreshed copy: {:?}",
+                r.headers
+            );
+            break;
+        }
+        expect(&r, "STALE", "/inv/soft v1");
+        assert!(Instant::now() < deadline, "B never got the refreshed copy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(origin.hits("/inv/soft"), 2, "one refresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_while_redis_is_down_reaches_b_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+    prime(&a, &b, "/inv/down").await;
+
+    redis.kill();
+    let v = purge(&a, json!({"key": "shared.test/inv/down"})).await;
+    assert_eq!(v["broadcast"], false, "Redis is down: {v}");
+    assert_eq!(v["l1_removed"], 1, "{v}");
+    // Applied on A at once.
+    expect(&sget(&a, "/inv/down").await, "MISS", "/inv/down v2");
+    // B cannot know yet.
+    expect(&sget(&b, "/inv/down").await, "HIT-L1", "/inv/down v1");
+
+    redis.restart();
+    let restarted = Instant::now();
+    let (r, took) = wait_not_hit(&b, "/inv/down", restarted, secs(20)).await;
+    assert!(
+        matches!(r.x_cache(), "MISS" | "HIT-L2"),
+        "B after the deferred purge: {:?}",
+        r.headers
+    );
+    assert_ne!(r.text(), "/inv/down v1", "B still has the purged copy");
+    println!("deferred purge: B dropped its copy {took:?} after Redis restarted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_after_a_redis_restart_reaches_b() {
+    let mut redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+
+    redis.kill();
+    redis.restart();
+    // Both subscribers reconnect.
+    wait_until_for("both instances resubscribed", secs(15), || {
+        a.stats().pubsub_reconnects >= 1 && b.stats().pubsub_reconnects >= 1
+    })
+    .await;
+    // A's L2 works again: a fill on A is soon an L2 hit on B.
+    let deadline = Instant::now() + secs(15);
+    for n in 0.. {
+        let path = format!("/inv/probe-{n}");
+        assert_eq!(sget(&a, &path).await.status, 200);
+        flush_l2(&a).await;
+        if sget(&b, &path).await.x_cache() == "HIT-L2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "L2 not used again after the restart: A {:?} B {:?}",
+            a.stats(),
+            b.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    prime(&a, &b, "/inv/after-restart").await;
+    let v = purge(&a, json!({"key": "shared.test/inv/after-restart"})).await;
+    let answered = Instant::now();
+    assert_eq!(v["broadcast"], true, "{v}");
+    let took = b_misses(&b, &origin, "/inv/after-restart", answered).await;
+    println!("purge after a Redis restart: B missed {took:?} after A answered");
+}
+
+/// An origin whose /slow answers after 1 s; bodies are `v{n}`.
+async fn slow_origin() -> MockOrigin {
+    MockOrigin::start(|r| {
+        let reply = Reply::ok(format!("v{}", r.hit)).cc("max-age=300");
+        if r.path == "/slow" {
+            reply.delay(secs(1))
+        } else {
+            reply
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_during_an_in_flight_fill_is_not_undone() {
+    let redis = RedisServer::start();
+    let origin = slow_origin().await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+
+    let url = a.url("/slow");
+    let fill = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    origin.wait_hits("/slow", 1).await;
+    assert!(!fill.is_finished(), "the origin delays its answer by 1 s");
+    purge(&a, json!({"key": "shared.test/slow"})).await;
+    assert!(
+        !fill.is_finished(),
+        "the purge must arrive while the fill is in flight"
+    );
+    let r = within("the in-flight GET", secs(10), fill).await.unwrap();
+    expect(&r, "MISS", "v1");
+
+    let r = sget(&a, "/slow").await;
+    expect(&r, "MISS", "v2");
+    assert_eq!(origin.hits("/slow"), 2);
+    flush_l2(&a).await;
+    // Neither A's L1 nor L2 holds the pre-purge copy.
+    let r = sget(&b, "/slow").await;
+    assert_eq!(r.text(), "v2", "B: {:?}", r.headers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_from_b_during_a_fill_on_a_is_not_undone() {
+    let redis = RedisServer::start();
+    let origin = slow_origin().await;
+    let a = instance(&origin, &redis).await;
+    let b = instance(&origin, &redis).await;
+
+    let url = a.url("/slow");
+    let fill = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    origin.wait_hits("/slow", 1).await;
+    let v = purge(&b, json!({"key": "shared.test/slow"})).await;
+    assert_eq!(v["broadcast"], true, "{v}");
+    assert!(
+        !fill.is_finished(),
+        "the purge must arrive while the fill is in flight"
+    );
+    let r = within("the in-flight GET", secs(10), fill).await.unwrap();
+    expect(&r, "MISS", "v1");
+
+    let r = sget(&a, "/slow").await;
+    expect(&r, "MISS", "v2");
+    assert_eq!(origin.hits("/slow"), 2);
+}
