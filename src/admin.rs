@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use crate::config::AdminToken;
 use crate::invalidate::{Purge, Selector};
 use crate::proxy::PurgeOutcome;
 
@@ -96,9 +97,14 @@ pub async fn handle(proxy: Proxy, request: Request<Incoming>) -> Response<ProxyB
 /// Whether the request carries the admin token (always true when none is configured: the
 /// configuration only allows that on a loopback address).
 pub fn authorized(proxy: &Proxy, headers: &HeaderMap) -> bool {
-    let Some(token) = &proxy.config().admin_token else {
-        return true;
-    };
+    match &proxy.config().admin_token {
+        None => true,
+        Some(token) => bearer_matches(token, headers),
+    }
+}
+
+/// Whether `Authorization: Bearer <token>` is present and right.
+pub fn bearer_matches(token: &AdminToken, headers: &HeaderMap) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))

@@ -621,13 +621,12 @@ impl Proxy {
         request: &Request<Incoming>,
         target: Target,
     ) -> Response<ProxyBody> {
-        let token_ok = self.0.config.admin_token.as_ref().is_some_and(|token| {
-            request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-                .is_some_and(|presented| token.matches(presented))
-        });
+        let token_ok = self
+            .0
+            .config
+            .admin_token
+            .as_ref()
+            .is_some_and(|token| crate::admin::bearer_matches(token, request.headers()));
         if !token_ok {
             let mut response = crate::admin::json(
                 StatusCode::UNAUTHORIZED,
