@@ -3,9 +3,9 @@
 //! Flow for GET/HEAD: a request without its own cache headers takes the fast path (one L1 lookup, one
 //! instant compared). Otherwise the request's directives and conditionals are honoured. Misses are
 //! coalesced per key ([`crate::coalesce`]); the leader streams the origin's answer to its client while
-//! a fill task keeps a copy for the cache ([`fill`]), after asking the Redis L2 and taking the
+//! a fill task keeps a copy for the cache (`fill`), after asking the Redis L2 and taking the
 //! fleet-wide lock. Other methods pass through and invalidate. What the admin API drives (purge,
-//! describe, warm) lives in [`manage`].
+//! describe, warm) lives in `manage`.
 
 pub mod body;
 mod fill;
