@@ -4,67 +4,21 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use strata::config::Config;
+use support::admin::*;
+use support::binary::*;
+use support::fleet::sget;
 use support::redis::RedisServer;
 use support::*;
 
 const TOKEN: &str = "admin-s3cret-token";
-const HOST: &str = "shared.test";
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// A proxy in front of `origin` with ADMIN_TOKEN set, plus `extra` settings.
 async fn start(origin: &str, extra: &[(&str, &str)]) -> TestProxy {
-    let mut vars: Vec<(&str, &str)> = vec![("ADMIN_TOKEN", TOKEN)];
-    vars.extend_from_slice(extra);
-    TestProxy::start(origin, &vars).await
-}
-
-/// An admin request; `auth` is the whole Authorization value (None: no header).
-async fn admin(
-    proxy: &TestProxy,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    auth: Option<&str>,
-) -> Resp {
-    let mut headers: Vec<(&str, &str)> = Vec::new();
-    if let Some(auth) = auth {
-        headers.push(("authorization", auth));
-    }
-    if body.is_some() {
-        headers.push(("content-type", "application/json"));
-    }
-    request(
-        method,
-        &proxy.admin_url(path),
-        &headers,
-        body.unwrap_or("").to_string(),
-    )
-    .await
-}
-
-fn bearer() -> String {
-    format!("Bearer {TOKEN}")
-}
-
-/// An authorised GET on the admin listener.
-async fn admin_get(proxy: &TestProxy, path: &str) -> Resp {
-    admin(proxy, "GET", path, None, Some(&bearer())).await
-}
-
-/// The body parsed as JSON (panics with the body when it is not JSON).
-#[track_caller]
-fn json(resp: &Resp) -> Value {
-    serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", resp.text()))
+    start_with_token(origin, TOKEN, extra).await
 }
 
 #[track_caller]
@@ -75,11 +29,6 @@ fn assert_json_content_type(resp: &Resp) {
         "Content-Type {ct:?}, headers {:?}",
         resp.headers
     );
-}
-
-/// GET `path` on the traffic port for the shared host.
-async fn sget(proxy: &TestProxy, path: &str) -> Resp {
-    get(&proxy.url(path), &[("host", HOST)]).await
 }
 
 #[track_caller]
@@ -124,14 +73,14 @@ async fn every_admin_route_but_health_needs_the_token() {
     ];
     for (method, path, body) in routes {
         for (what, auth) in bad_auths {
-            let resp = admin(&proxy, method, path, body, auth).await;
+            let resp = admin_request(&proxy, method, path, body, auth).await;
             assert_eq!(
                 resp.status,
                 401,
                 "{method} {path} with {what}: {:?}",
                 resp.text()
             );
-            let v = json(&resp);
+            let v = json_of(&resp);
             assert!(
                 v["error"].as_str().is_some_and(|e| !e.is_empty()),
                 "{method} {path} with {what}: 401 body {v}"
@@ -146,14 +95,14 @@ async fn every_admin_route_but_health_needs_the_token() {
 
     // /health needs no token, with or without one.
     for auth in [None, Some("Bearer wrong")] {
-        let resp = admin(&proxy, "GET", "/health", None, auth).await;
+        let resp = admin_request(&proxy, "GET", "/health", None, auth).await;
         assert_eq!(resp.status, 200, "/health with {auth:?}");
-        assert_eq!(json(&resp)["status"], "ok");
+        assert_eq!(json_of(&resp)["status"], "ok");
     }
 
     // The right token opens the read-only routes.
     for path in ["/ready", "/stats", "/metrics"] {
-        let resp = admin_get(&proxy, path).await;
+        let resp = admin_get(&proxy, TOKEN, path).await;
         assert_eq!(
             resp.status,
             200,
@@ -207,45 +156,6 @@ fn config_refuses_a_public_admin_address_without_a_token() {
 // ---------------------------------------------------------------------------------------------
 // The real binary
 
-/// Kills the child if a test fails before it exits.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn strata(vars: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Running {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd.envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
-    Running(cmd.spawn().expect("spawn strata"))
-}
-
-fn wait_exit(child: &mut Running, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "strata did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn binary_exits_2_for_a_public_admin_address_without_a_token() {
     let listen = free_addr().to_string();
@@ -274,24 +184,12 @@ fn binary_exits_2_for_a_public_admin_address_without_a_token() {
     );
 }
 
-/// A unique scratch directory for one binary run's logs.
-fn scratch_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("strata-admin-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Runs the binary with LOG_REDACT_KEYS=`redact` in front of `origin`, requests `path` twice
 /// (MISS then HIT), stops it with SIGTERM and returns stdout + stderr.
 async fn logs_of_a_run(origin: &MockOrigin, redact: &str, format: &str, path: &str) -> String {
     let listen = free_addr();
     let admin_addr = free_addr();
-    let dir = scratch_dir(&format!("{redact}-{format}"));
+    let dir = scratch_dir(&format!("admin-{redact}-{format}"));
     let out_path = dir.join("stdout.log");
     let err_path = dir.join("stderr.log");
     let (listen_s, admin_s, origin_s) = (listen.to_string(), admin_addr.to_string(), origin.url());
@@ -311,46 +209,15 @@ async fn logs_of_a_run(origin: &MockOrigin, redact: &str, format: &str, path: &s
     );
 
     // Wait (bounded) for both listeners.
-    let deadline = Instant::now() + secs(15);
-    for addr in [admin_addr, listen] {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                child.0.try_wait().unwrap().is_none(),
-                "strata exited early; stderr: {}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-            assert!(Instant::now() < deadline, "strata never listened on {addr}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_listening(&mut child, &[admin_addr, listen], &err_path).await;
     let url = format!("http://{listen}{path}");
     let r = get(&url, &[]).await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
     let r = get(&url, &[]).await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT-L1"));
 
-    let kill = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.0.id().to_string())
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let deadline = Instant::now() + secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "strata ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
-    let logs = format!(
-        "{}{}",
-        std::fs::read_to_string(&out_path).unwrap(),
-        std::fs::read_to_string(&err_path).unwrap()
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    logs
+    sigterm_exits_0(&mut child).await;
+    take_logs(&dir)
 }
 
 /// True when `text` contains `h:` followed by exactly 12 lowercase hex digits.
@@ -397,9 +264,9 @@ async fn log_redact_keys_hides_paths_in_the_binary_logs() {
 
 /// GET /ready: (HTTP status, "status", "redis").
 async fn ready(proxy: &TestProxy) -> (u16, String, String) {
-    let resp = admin_get(proxy, "/ready").await;
+    let resp = admin_get(proxy, TOKEN, "/ready").await;
     assert_json_content_type(&resp);
-    let v = json(&resp);
+    let v = json_of(&resp);
     (
         resp.status.as_u16(),
         v["status"].as_str().unwrap_or("<missing>").to_string(),
@@ -472,10 +339,10 @@ async fn stats_reports_every_counter() {
     expect(&sget(&proxy, "/counted").await, "MISS");
     expect(&sget(&proxy, "/counted").await, "HIT-L1");
 
-    let resp = admin_get(&proxy, "/stats").await;
+    let resp = admin_get(&proxy, TOKEN, "/stats").await;
     assert_eq!(resp.status, 200);
     assert_json_content_type(&resp);
-    let v = json(&resp);
+    let v = json_of(&resp);
     assert!(v.is_object(), "/stats: {v}");
     let int = |name: &str| -> u64 {
         v[name]
@@ -570,7 +437,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     expect(&sget(&proxy, "/measured").await, "MISS");
     expect(&sget(&proxy, "/measured").await, "HIT-L1");
 
-    let resp = admin_get(&proxy, "/metrics").await;
+    let resp = admin_get(&proxy, TOKEN, "/metrics").await;
     assert_eq!(resp.status, 200);
     let ct = resp.header("content-type").unwrap_or("");
     assert!(

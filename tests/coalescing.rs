@@ -4,34 +4,9 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
-
-/// Runs `n` concurrent GETs of `url`; returns each response with the time it took.
-async fn concurrent_gets(url: &str, n: usize) -> Vec<(Resp, Duration)> {
-    let url: Arc<str> = url.into();
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let resp = get(&url, &[]).await;
-                (resp, started.elapsed())
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(
-            within("concurrent GET", Duration::from_secs(20), t)
-                .await
-                .unwrap(),
-        );
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_misses_make_one_origin_request() {

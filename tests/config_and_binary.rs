@@ -5,50 +5,12 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use strata::config::Config;
+use support::binary::{send_sigterm, strata, wait_exit};
 use support::{free_addr, refused_url};
-
-/// Kills the child if a test fails before it exits.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn strata(vars: &[(&str, &str)], stderr: Stdio) -> Running {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd.envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    Running(cmd.spawn().expect("spawn strata"))
-}
-
-fn wait_exit(child: &mut Running, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "strata did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Runs the binary with `vars` (plus free listen/admin ports), expects exit status 2 and returns
 /// its stderr.
@@ -57,7 +19,7 @@ fn expect_exit_2(vars: &[(&str, &str)]) -> String {
     let admin = free_addr().to_string();
     let mut all: Vec<(&str, &str)> = vec![("LISTEN_ADDR", &listen), ("ADMIN_ADDR", &admin)];
     all.extend_from_slice(vars);
-    let mut child = strata(&all, Stdio::piped());
+    let mut child = strata(&all, Stdio::null(), Stdio::piped());
     let status = wait_exit(&mut child, Duration::from_secs(10));
     let mut stderr = String::new();
     child
@@ -132,6 +94,7 @@ fn binary_serves_health_and_exits_0_on_sigterm() {
             ("SHUTDOWN_TIMEOUT", "5s"),
         ],
         Stdio::null(),
+        Stdio::null(),
     );
 
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -154,12 +117,7 @@ fn binary_serves_health_and_exits_0_on_sigterm() {
     let (status, _) = try_get(listen, "/anything").expect("traffic listener answers");
     assert_eq!(status, 502);
 
-    let kill = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.0.id().to_string())
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    send_sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(
         status.code(),

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -14,10 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const MIB: usize = 1024 * 1024;
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// A response read off a raw HTTP/1.1 connection.
 #[derive(Debug)]
@@ -129,26 +124,6 @@ async fn read_response(stream: &mut TcpStream) -> RawResp {
         headers,
         body,
     }
-}
-
-/// Runs `n` concurrent GETs of `url`; returns each response with the time it took.
-async fn concurrent_gets(url: &str, n: usize) -> Vec<(Resp, Duration)> {
-    let url: Arc<str> = url.into();
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let resp = get(&url, &[]).await;
-                (resp, started.elapsed())
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(within("concurrent GET", secs(20), t).await.unwrap());
-    }
-    out
 }
 
 // 1 -------------------------------------------------------------------------------------------

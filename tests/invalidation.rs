@@ -8,79 +8,22 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::admin::*;
+use support::fleet::*;
 use support::redis::RedisServer;
 use support::*;
 
 const TOKEN: &str = "inval-s3cret-token";
-/// Every traffic request carries this Host, so all instances compute the same cache keys.
-const HOST: &str = "shared.test";
+/// Settings for every instance: ADMIN_TOKEN (the REDIS_TIMEOUT is the patient default; a loaded
+/// 2-core box can stall one 50 ms call, and these tests assert what is applied, not how fast Redis
+/// answers).
+const ADMIN: &[(&str, &str)] = &[("ADMIN_TOKEN", TOKEN)];
 /// How long another instance may take to apply a purge once the purge was answered.
 const PROPAGATION_LIMIT: Duration = Duration::from_secs(2);
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-/// A Strata instance on `redis` with ADMIN_TOKEN and a patient REDIS_TIMEOUT (a loaded 2-core box
-/// can stall one 50 ms call; these tests assert what is applied, not how fast Redis answers).
-async fn instance(origin: &MockOrigin, redis: &RedisServer) -> TestProxy {
-    let url = redis.url();
-    TestProxy::start(
-        &origin.url(),
-        &[
-            ("ADMIN_TOKEN", TOKEN),
-            ("REDIS_URL", &url),
-            ("REDIS_TIMEOUT", "2s"),
-        ],
-    )
-    .await
-}
-
-async fn flush_l2(proxy: &TestProxy) {
-    within("flush_l2", secs(15), proxy.proxy.flush_l2()).await;
-}
-
-async fn sget(proxy: &TestProxy, path: &str) -> Resp {
-    get(&proxy.url(path), &[("host", HOST)]).await
-}
-
-/// Asserts status 200, the X-Cache value and the body.
-#[track_caller]
-fn expect(resp: &Resp, x_cache: &str, body: &str) {
-    assert_eq!(
-        (resp.status.as_u16(), resp.x_cache(), resp.text().as_str()),
-        (200, x_cache, body),
-        "headers: {:?}",
-        resp.headers
-    );
-}
-
-#[track_caller]
-fn json_of(resp: &Resp) -> Value {
-    serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", resp.text()))
-}
-
 /// POST /purge on `proxy`; asserts 200 and returns the reply.
 async fn purge(proxy: &TestProxy, body: Value) -> Value {
-    let auth = format!("Bearer {TOKEN}");
-    let resp = request(
-        "POST",
-        &proxy.admin_url("/purge"),
-        &[
-            ("authorization", auth.as_str()),
-            ("content-type", "application/json"),
-        ],
-        body.to_string(),
-    )
-    .await;
-    assert_eq!(resp.status, 200, "purge {body}: {:?}", resp.text());
-    let v = json_of(&resp);
-    assert!(
-        v["l1_removed"].is_u64() && v["l2_removed"].is_u64() && v["broadcast"].is_boolean(),
-        "purge {body}: reply {v}"
-    );
-    v
+    purge_with(proxy, TOKEN, body).await
 }
 
 /// An origin answering `{path} v{n}` (n = the path's hit number) with `cache_control`, tagged
@@ -152,8 +95,8 @@ async fn b_misses(b: &TestProxy, origin: &MockOrigin, path: &str, since: Instant
 async fn key_purge_on_a_reaches_b() {
     let redis = RedisServer::start();
     let origin = versioned_origin("max-age=300").await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     prime(&a, &b, "/inv/key").await;
     prime(&a, &b, "/inv/untouched").await;
     let (sent, received, applied) = {
@@ -187,7 +130,7 @@ async fn key_purge_on_a_reaches_b() {
     assert!(a.stats().purges >= 1, "{:?}", a.stats());
 
     // The same counters on B's /metrics.
-    let auth = format!("Bearer {TOKEN}");
+    let auth = bearer(TOKEN);
     let metrics = get(&b.admin_url("/metrics"), &[("authorization", &auth)]).await;
     assert_eq!(metrics.status, 200);
     let text = metrics.text();
@@ -207,8 +150,8 @@ async fn key_purge_on_a_reaches_b() {
 async fn pattern_purge_on_a_reaches_b() {
     let redis = RedisServer::start();
     let origin = versioned_origin("max-age=300").await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     for path in ["/inv/p/1", "/inv/p/2/deep", "/inv/keep"] {
         prime(&a, &b, path).await;
     }
@@ -228,8 +171,8 @@ async fn pattern_purge_on_a_reaches_b() {
 async fn tag_purge_on_a_reaches_b() {
     let redis = RedisServer::start();
     let origin = versioned_origin("max-age=300").await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     for path in ["/tagged/1", "/tagged/2", "/plain"] {
         prime(&a, &b, path).await;
     }
@@ -250,8 +193,8 @@ async fn tag_purge_on_a_reaches_b() {
 async fn soft_purge_on_a_makes_b_serve_stale() {
     let redis = RedisServer::start();
     let origin = versioned_origin("max-age=300, stale-while-revalidate=60").await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     prime(&a, &b, "/inv/soft").await;
 
     let v = purge(&a, json!({"key": "shared.test/inv/soft", "soft": true})).await;
@@ -286,8 +229,8 @@ async fn purge_while_redis_is_down_reaches_b_when_it_returns() {
     // Persistent Redis: the L2 copy outlives the outage, so the deferred purge must reach L2 too.
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let origin = versioned_origin("max-age=300").await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     prime(&a, &b, "/inv/down").await;
     let sent_before = a.stats().invalidations_sent;
     let received_before = b.stats().invalidations_received;
@@ -344,7 +287,7 @@ async fn purge_while_redis_is_down_reaches_b_when_it_returns() {
         assert_ne!(r.text(), "/inv/down v1", "B went back to the purged copy");
     }
     // Nor does a fresh instance find it in L2.
-    let d = instance(&origin, &redis).await;
+    let d = instance(&origin, &redis, ADMIN).await;
     let r = sget(&d, "/inv/down").await;
     assert_ne!(
         r.text(),
@@ -358,8 +301,8 @@ async fn purge_while_redis_is_down_reaches_b_when_it_returns() {
 async fn purge_after_a_redis_restart_reaches_b() {
     let mut redis = RedisServer::start();
     let origin = versioned_origin("max-age=300").await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
 
     // The counter may already count the first subscription: wait for it to move.
     let (subs_a, subs_b) = (a.stats().pubsub_reconnects, b.stats().pubsub_reconnects);
@@ -430,8 +373,8 @@ async fn slow_origin() -> MockOrigin {
 async fn purge_during_an_in_flight_fill_is_not_undone() {
     let redis = RedisServer::start();
     let origin = slow_origin().await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
 
     let url = a.url("/slow");
     let fill = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
@@ -458,8 +401,8 @@ async fn purge_during_an_in_flight_fill_is_not_undone() {
 async fn purge_from_b_during_a_fill_on_a_is_not_undone() {
     let redis = RedisServer::start();
     let origin = slow_origin().await;
-    let a = instance(&origin, &redis).await;
-    let b = instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
 
     let url = a.url("/slow");
     let fill = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });

@@ -9,63 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::fleet::*;
 use support::redis::RedisServer;
 use support::*;
-
-/// Every request is sent with this Host so that all instances compute the same cache key (the key
-/// is host + path, and each instance listens on its own port).
-const HOST: &str = "shared.test";
-
-/// REDIS_TIMEOUT for the tests that assert what L2 holds rather than how fast it answers: a
-/// loaded 2-core CI box can stall one 50 ms call, which would turn an expected HIT-L2 into a MISS.
-const PATIENT_REDIS_TIMEOUT: &str = "2s";
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-/// The Redis key of the entry for `path` under the default prefix.
-fn entry_key(path: &str) -> String {
-    format!("strata:e:{HOST}{path}")
-}
-
-/// A Strata instance on `redis` (REDIS_URL), with a patient REDIS_TIMEOUT unless `extra` sets one.
-async fn instance(origin: &MockOrigin, redis: &RedisServer, extra: &[(&str, &str)]) -> TestProxy {
-    let url = redis.url();
-    let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url)];
-    if !extra.iter().any(|(k, _)| *k == "REDIS_TIMEOUT") {
-        vars.push(("REDIS_TIMEOUT", PATIENT_REDIS_TIMEOUT));
-    }
-    vars.extend_from_slice(extra);
-    TestProxy::start(&origin.url(), &vars).await
-}
-
-/// Waits (bounded) until every L2 write `proxy` queued so far has been attempted.
-async fn flush_l2(proxy: &TestProxy) {
-    within("flush_l2", secs(15), proxy.proxy.flush_l2()).await;
-}
-
-/// GET `path` on `proxy` for the shared host.
-async fn sget(proxy: &TestProxy, path: &str) -> Resp {
-    sget_with(proxy, path, &[]).await
-}
-
-async fn sget_with(proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> Resp {
-    let mut all = vec![("host", HOST)];
-    all.extend_from_slice(headers);
-    get(&proxy.url(path), &all).await
-}
-
-/// Asserts status 200, the X-Cache value and the body.
-#[track_caller]
-fn expect(resp: &Resp, x_cache: &str, body: &str) {
-    assert_eq!(
-        (resp.status.as_u16(), resp.x_cache(), resp.text().as_str()),
-        (200, x_cache, body),
-        "headers: {:?}",
-        resp.headers
-    );
-}
 
 fn pttl(redis: &RedisServer, key: &str) -> i64 {
     let out = redis.cli(&["pttl", key]);

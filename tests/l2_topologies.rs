@@ -8,64 +8,19 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::fleet::*;
 use support::redis::RedisServer;
 use support::topology::{Cluster, SentinelGroup};
 use support::*;
-
-/// Every request is sent with this Host so that all instances compute the same cache key (the key
-/// is host + path, and each instance listens on its own port).
-const HOST: &str = "shared.test";
 
 /// REDIS_TIMEOUT for these tests: they assert where entries are, so a call stalled for a moment on
 /// a loaded 2-core box (several Redis processes per test) must not turn a HIT-L2 into a MISS. A
 /// dead store still fails at once (connection refused), so this does not slow any failover down.
 const TOPOLOGY_REDIS_TIMEOUT: &str = "500ms";
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-/// The Redis key of the entry for `path` under the default prefix.
-fn entry_key(path: &str) -> String {
-    format!("strata:e:{HOST}{path}")
-}
-
-/// A Strata instance with `REDIS_URL=redis_url`.
-async fn instance(origin: &MockOrigin, redis_url: &str) -> TestProxy {
-    TestProxy::start(
-        &origin.url(),
-        &[
-            ("REDIS_URL", redis_url),
-            ("REDIS_TIMEOUT", TOPOLOGY_REDIS_TIMEOUT),
-        ],
-    )
-    .await
-}
-
 /// An origin answering `body of {path}`, fresh for 5 minutes.
 async fn path_origin() -> MockOrigin {
     MockOrigin::start(|r| Reply::ok(format!("body of {}", r.path)).cc("max-age=300")).await
-}
-
-/// Waits (bounded) until every L2 write `proxy` queued so far has been attempted.
-async fn flush_l2(proxy: &TestProxy) {
-    within("flush_l2", secs(15), proxy.proxy.flush_l2()).await;
-}
-
-/// GET `path` on `proxy` for the shared host.
-async fn sget(proxy: &TestProxy, path: &str) -> Resp {
-    get(&proxy.url(path), &[("host", HOST)]).await
-}
-
-/// Asserts status 200, the X-Cache value and the body.
-#[track_caller]
-fn expect(resp: &Resp, x_cache: &str, body: &str) {
-    assert_eq!(
-        (resp.status.as_u16(), resp.x_cache(), resp.text().as_str()),
-        (200, x_cache, body),
-        "headers: {:?}",
-        resp.headers
-    );
 }
 
 /// Every answer seen while a topology changes: anything but `200 body of {path}` is a failure.
@@ -116,8 +71,8 @@ async fn failover_list_moves_down_when_the_first_store_dies_and_back_when_it_ret
     let r2 = RedisServer::start();
     let origin = path_origin().await;
     let url = format!("{},{}", r1.url(), r2.url());
-    let a = instance(&origin, &url).await;
-    let b = instance(&origin, &url).await;
+    let a = instance_at(&origin, &url, TOPOLOGY_REDIS_TIMEOUT, &[]).await;
+    let b = instance_at(&origin, &url, TOPOLOGY_REDIS_TIMEOUT, &[]).await;
 
     // Both healthy: the first store serves reads and writes, the second is untouched.
     expect(&sget(&a, "/k1").await, "MISS", "body of /k1");
@@ -199,8 +154,8 @@ async fn sentinel_failover_is_followed_to_the_new_master() {
     let group = SentinelGroup::start();
     let origin = path_origin().await;
     let url = group.url();
-    let a = instance(&origin, &url).await;
-    let b = instance(&origin, &url).await;
+    let a = instance_at(&origin, &url, TOPOLOGY_REDIS_TIMEOUT, &[]).await;
+    let b = instance_at(&origin, &url, TOPOLOGY_REDIS_TIMEOUT, &[]).await;
     let mut answers = Answers::default();
 
     answers.get("A", &a, "/before").await;
@@ -278,8 +233,8 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
     })
     .await;
     let url = cluster.url();
-    let a = instance(&origin, &url).await;
-    let b = instance(&origin, &url).await;
+    let a = instance_at(&origin, &url, TOPOLOGY_REDIS_TIMEOUT, &[]).await;
+    let b = instance_at(&origin, &url, TOPOLOGY_REDIS_TIMEOUT, &[]).await;
 
     // 30 keys over the slots: all filled by A, all found by B.
     let paths: Vec<String> = (0..30).map(|i| format!("/spread/{i}")).collect();

@@ -4,58 +4,33 @@
 
 mod support;
 
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+use support::admin::*;
+use support::binary::*;
+use support::fleet::*;
 use support::redis::RedisServer;
 use support::*;
 
 const TOKEN: &str = "purge-s3cret-token";
-/// Every traffic request carries this Host, so cache keys are `shared.test/...`.
-const HOST: &str = "shared.test";
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
+/// ADMIN_TOKEN, for the instances on Redis.
+const ADMIN: &[(&str, &str)] = &[("ADMIN_TOKEN", TOKEN)];
 
 /// A proxy with ADMIN_TOKEN set, plus `extra` settings.
 async fn start(origin: &MockOrigin, extra: &[(&str, &str)]) -> TestProxy {
-    let mut vars: Vec<(&str, &str)> = vec![("ADMIN_TOKEN", TOKEN)];
-    vars.extend_from_slice(extra);
-    TestProxy::start(&origin.url(), &vars).await
-}
-
-fn bearer() -> String {
-    format!("Bearer {TOKEN}")
+    start_with_token(&origin.url(), TOKEN, extra).await
 }
 
 /// An authorised admin request with an optional raw body.
 async fn admin(proxy: &TestProxy, method: &str, path: &str, body: &str) -> Resp {
-    let auth = bearer();
-    let mut headers = vec![("authorization", auth.as_str())];
-    if !body.is_empty() {
-        headers.push(("content-type", "application/json"));
-    }
-    request(method, &proxy.admin_url(path), &headers, body.to_string()).await
-}
-
-/// The body parsed as JSON (panics with the body when it is not JSON).
-#[track_caller]
-fn json_of(resp: &Resp) -> Value {
-    serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", resp.text()))
+    authorized(proxy, TOKEN, method, path, body).await
 }
 
 /// POST /purge with `body`; asserts 200 and the reply's shape, returns the reply.
 async fn purge(proxy: &TestProxy, body: Value) -> Value {
-    let resp = admin(proxy, "POST", "/purge", &body.to_string()).await;
-    assert_eq!(resp.status, 200, "purge {body}: {:?}", resp.text());
-    let v = json_of(&resp);
-    assert!(
-        v["l1_removed"].is_u64() && v["l2_removed"].is_u64() && v["broadcast"].is_boolean(),
-        "purge {body}: reply {v}"
-    );
-    v
+    purge_with(proxy, TOKEN, body).await
 }
 
 #[track_caller]
@@ -63,22 +38,6 @@ fn count(v: &Value, field: &str) -> u64 {
     v[field]
         .as_u64()
         .unwrap_or_else(|| panic!("{field:?} missing or not a count in {v}"))
-}
-
-/// GET `path` on the traffic port for the shared host.
-async fn sget(proxy: &TestProxy, path: &str) -> Resp {
-    get(&proxy.url(path), &[("host", HOST)]).await
-}
-
-/// Asserts status 200, the X-Cache value and the body.
-#[track_caller]
-fn expect(resp: &Resp, x_cache: &str, body: &str) {
-    assert_eq!(
-        (resp.status.as_u16(), resp.x_cache(), resp.text().as_str()),
-        (200, x_cache, body),
-        "headers: {:?}",
-        resp.headers
-    );
 }
 
 /// An origin answering `{path} v{n}` (n = the path's hit number), fresh for 300 s.
@@ -720,7 +679,7 @@ async fn purge_method_needs_the_token() {
     }
     assert_eq!(origin.hits("/pm"), 1, "PURGE must never reach the origin");
 
-    let resp = purge_method(&proxy, "/pm", Some(&bearer())).await;
+    let resp = purge_method(&proxy, "/pm", Some(&bearer(TOKEN))).await;
     assert_eq!(resp.status, 200, "{:?}", resp.text());
     let v = json_of(&resp);
     assert_eq!(count(&v, "l1_removed"), 1, "{v}");
@@ -750,25 +709,11 @@ async fn purge_method_without_an_admin_token_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // With Redis: the L2 copy goes too
 
-/// The Redis key of the entry for `path` under the default prefix.
-fn entry_key(path: &str) -> String {
-    format!("strata:e:{HOST}{path}")
-}
-
-async fn redis_instance(origin: &MockOrigin, redis: &RedisServer) -> TestProxy {
-    let url = redis.url();
-    start(origin, &[("REDIS_URL", &url), ("REDIS_TIMEOUT", "2s")]).await
-}
-
-async fn flush_l2(proxy: &TestProxy) {
-    within("flush_l2", secs(15), proxy.proxy.flush_l2()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_remove_the_l2_copy() {
     let redis = RedisServer::start();
     let origin = tagging_origin().await;
-    let a = redis_instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
     let paths = ["/l2/key", "/l2/pat/1", "/l2/pat/2", "/ab", "/none"];
     for path in paths {
         let r = sget(&a, path).await;
@@ -784,7 +729,7 @@ async fn purges_remove_the_l2_copy() {
         );
     }
     // A fresh instance sees the L2 copy (and reports it as such).
-    let probe = redis_instance(&origin, &redis).await;
+    let probe = instance(&origin, &redis, ADMIN).await;
     let resp = admin(&probe, "GET", "/cache?key=shared.test/l2/key", "").await;
     assert_eq!(resp.status, 200, "{:?}", resp.text());
     assert_eq!(json_of(&resp)["tier"], "l2");
@@ -811,7 +756,7 @@ async fn purges_remove_the_l2_copy() {
     );
 
     // A second instance (empty L1) must miss every purged URL and hit the rest in L2.
-    let b = redis_instance(&origin, &redis).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     for path in ["/l2/key", "/l2/pat/1", "/l2/pat/2", "/ab"] {
         let before = origin.hits(path);
         let r = sget(&b, path).await;
@@ -825,14 +770,14 @@ async fn purges_remove_the_l2_copy() {
 async fn purges_remove_every_l2_variant() {
     let redis = RedisServer::start();
     let origin = vary_origin().await;
-    let a = redis_instance(&origin, &redis).await;
+    let a = instance(&origin, &redis, ADMIN).await;
     for path in ["/l2v/key", "/l2v/pat/1", "/l2v/tag"] {
         for encoding in ENCODINGS {
             assert_eq!(vget(&a, path, encoding).await.x_cache(), "MISS");
         }
     }
     flush_l2(&a).await;
-    let b = redis_instance(&origin, &redis).await;
+    let b = instance(&origin, &redis, ADMIN).await;
     for encoding in ENCODINGS {
         let r = vget(&b, "/l2v/key", encoding).await;
         assert_eq!(r.x_cache(), "HIT-L2", "{encoding}: both variants are in L2");
@@ -852,7 +797,7 @@ async fn purges_remove_every_l2_variant() {
         .filter(|k| k != "strata:e:shared.test/l2v/tag")
         .collect();
     // A fresh instance finds no variant of any purged URL.
-    let c = redis_instance(&origin, &redis).await;
+    let c = instance(&origin, &redis, ADMIN).await;
     for path in ["/l2v/key", "/l2v/pat/1", "/l2v/tag"] {
         variants_gone(&c, path, "purged from L2").await;
     }
@@ -866,65 +811,32 @@ async fn purges_remove_every_l2_variant() {
 // ---------------------------------------------------------------------------------------------
 // LOG_REDACT_KEYS covers the purge paths too (the real binary)
 
-/// Kills the child if a test fails before it exits.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_log_no_keys_when_redacted() {
     const SECRET: &str = "purge-secret-91bd4e";
     let origin = versioned_origin().await;
     let listen = free_addr();
     let admin_addr = free_addr();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!("strata-purge-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("purge");
     let (out_path, err_path) = (dir.join("stdout.log"), dir.join("stderr.log"));
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd.envs([
-        ("ORIGIN_URL", origin.url()),
-        ("LISTEN_ADDR", listen.to_string()),
-        ("ADMIN_ADDR", admin_addr.to_string()),
-        ("ADMIN_TOKEN", TOKEN.to_string()),
-        ("SHUTDOWN_TIMEOUT", "5s".to_string()),
-        ("RUST_LOG", "strata=debug,info".to_string()),
-        ("LOG_REDACT_KEYS", "true".to_string()),
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::fs::File::create(&out_path).unwrap())
-    .stderr(std::fs::File::create(&err_path).unwrap());
-    let mut child = Running(cmd.spawn().expect("spawn strata"));
-
-    let deadline = Instant::now() + secs(15);
-    for addr in [admin_addr, listen] {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                child.0.try_wait().unwrap().is_none(),
-                "strata exited early; stderr: {}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-            assert!(Instant::now() < deadline, "strata never listened on {addr}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let (origin_s, listen_s, admin_s) = (origin.url(), listen.to_string(), admin_addr.to_string());
+    let mut child = strata(
+        &[
+            ("ORIGIN_URL", &origin_s),
+            ("LISTEN_ADDR", &listen_s),
+            ("ADMIN_ADDR", &admin_s),
+            ("ADMIN_TOKEN", TOKEN),
+            ("SHUTDOWN_TIMEOUT", "5s"),
+            ("RUST_LOG", "strata=debug,info"),
+            ("LOG_REDACT_KEYS", "true"),
+        ],
+        Stdio::from(std::fs::File::create(&out_path).unwrap()),
+        Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+    wait_listening(&mut child, &[admin_addr, listen], &err_path).await;
     let path = format!("/{SECRET}/a");
     let key = format!("{listen}{path}");
-    let auth = bearer();
+    let auth = bearer(TOKEN);
     let admin_call = |method: &'static str, route: String, body: String| {
         let auth = auth.clone();
         async move {
@@ -965,27 +877,8 @@ async fn purges_log_no_keys_when_redacted() {
     .await;
     assert_eq!(r.status, 200, "{:?}", r.text());
 
-    let kill = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.0.id().to_string())
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let deadline = Instant::now() + secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "strata ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
-    let logs = format!(
-        "{}{}",
-        std::fs::read_to_string(&out_path).unwrap(),
-        std::fs::read_to_string(&err_path).unwrap()
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    sigterm_exits_0(&mut child).await;
+    let logs = take_logs(&dir);
     assert!(
         !logs.contains(SECRET),
         "LOG_REDACT_KEYS=true, yet a key or path is in the logs:\n{logs}"

@@ -4,13 +4,9 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use support::*;
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 #[tokio::test]
 async fn miss_then_hit_l1() {

@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
 /// Fires `n` concurrent GETs; every one must answer STALE with `body` in well under `limit`.
 async fn expect_stale_at_once(
     proxy: &TestProxy,

@@ -5,6 +5,9 @@
 //! await is wrapped in a timeout so a broken proxy fails a test instead of hanging it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
+pub mod binary;
+pub mod fleet;
 pub mod redis;
 pub mod topology;
 
@@ -607,6 +610,11 @@ pub fn free_addr() -> SocketAddr {
 // ---------------------------------------------------------------------------------------------
 // Waiting
 
+/// `n` seconds.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
 /// Polls `cond` every 10 ms until it holds; panics after 10 s.
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     wait_until_for(what, Duration::from_secs(10), &mut cond).await;
@@ -888,6 +896,26 @@ pub async fn h2_get_url(addr: SocketAddr, url: &str, headers: &[(&str, &str)]) -
         collect(resp).await
     })
     .await
+}
+
+/// Runs `n` concurrent GETs of `url`; returns each response with the time it took.
+pub async fn concurrent_gets(url: &str, n: usize) -> Vec<(Resp, Duration)> {
+    let url: Arc<str> = url.into();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let resp = get(&url, &[]).await;
+                (resp, started.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(within("concurrent GET", secs(20), t).await.unwrap());
+    }
+    out
 }
 
 /// Writes raw bytes to `addr` and reads until the peer closes the connection or 5 s pass

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// How long a server may take to answer PING after it was spawned.
+/// How long a server (or a sentinel) may take to answer PING after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many free ports to try when another process grabs the one we picked first.
 const PORT_ATTEMPTS: usize = 5;
@@ -93,18 +93,70 @@ fn command(program: &Path) -> Command {
     cmd
 }
 
-/// A unique, not yet existing directory under the system temp dir.
-fn unique_dir() -> PathBuf {
+/// A unique, not yet existing directory `strata-{kind}-...` under the system temp dir.
+pub(super) fn unique_dir(kind: &str) -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     std::env::temp_dir().join(format!(
-        "strata-redis-{}-{}-{nanos}",
+        "strata-{kind}-{}-{}-{nanos}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     ))
+}
+
+/// The last 20 lines of `dir/log_name` ("" when it cannot be read).
+fn log_tail(dir: &Path, log_name: &str) -> String {
+    let log = std::fs::read_to_string(dir.join(log_name)).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Kills `child` (if any) and waits until it has exited.
+pub(super) fn kill_and_wait(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        // Child::kill is SIGKILL on Unix: no shutdown save, no goodbye to clients.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Waits (bounded by [`START_TIMEOUT`]) until `ping` succeeds for the freshly spawned `child`, a
+/// `what` (e.g. "redis-server") on `port` logging to `dir/log_name` with its stderr in
+/// `dir/stderr.log`. Err (process reaped) if it exits or never answers.
+pub(super) fn await_pong(
+    what: &str,
+    port: u16,
+    dir: &Path,
+    log_name: &str,
+    child: Child,
+    ping: impl Fn() -> bool,
+) -> Result<Child, String> {
+    let mut child = Some(child);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if ping() {
+            return Ok(child.take().expect("the child is still there"));
+        }
+        let exited = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            let stderr = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            return Err(format!(
+                "{what} on port {port} exited with {status}; stderr: {stderr}; log:\n{}",
+                log_tail(dir, log_name)
+            ));
+        }
+        if Instant::now() >= deadline {
+            kill_and_wait(&mut child);
+            return Err(format!(
+                "{what} on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{}",
+                log_tail(dir, log_name)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A free local port other than Redis' default 6379 (bound, then released).
@@ -134,7 +186,7 @@ impl RedisServer {
     /// A server with extra `--option value` arguments; they replace the defaults they name
     /// (e.g. `&["--appendonly", "yes", "--appendfsync", "always"]` for durability tests).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let dir = unique_dir();
+        let dir = unique_dir("redis");
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let mut server = RedisServer {
             port: 0,
@@ -194,12 +246,6 @@ impl RedisServer {
         args
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
     /// Spawns the server on `self.port` and waits for PONG; Err (process reaped) if it exits or
     /// never answers.
     fn spawn_and_wait(&mut self) -> Result<(), String> {
@@ -211,36 +257,16 @@ impl RedisServer {
             ))
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", binaries().server.display()));
+        let child = await_pong(
+            "redis-server",
+            self.port,
+            &self.dir,
+            "redis.log",
+            child,
+            || self.ping(),
+        )?;
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if self.ping() {
-                return Ok(());
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                self.child = None;
-                let stderr =
-                    std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                return Err(format!(
-                    "redis-server on port {} exited with {status}; stderr: {stderr}; log:\n{}",
-                    self.port,
-                    self.log_tail()
-                ));
-            }
-            if Instant::now() >= deadline {
-                self.reap();
-                return Err(format!(
-                    "redis-server on port {} did not answer PING within {START_TIMEOUT:?}; log:\n{}",
-                    self.port,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(())
     }
 
     /// The `--requirepass` this server was started with, if any.
@@ -299,11 +325,7 @@ impl RedisServer {
     }
 
     fn reap(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Child::kill is SIGKILL on Unix: no shutdown save, no goodbye to clients.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_wait(&mut self.child);
     }
 
     /// SIGKILLs the server and waits until the process has exited.

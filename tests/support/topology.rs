@@ -10,15 +10,12 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use super::redis::RedisServer;
+use super::redis::{await_pong, kill_and_wait, unique_dir, RedisServer};
 
 /// How long a topology may take to become ready (replica in sync, sentinels agreeing, cluster ok).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long one sentinel may take to answer PING after it was spawned.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Free ports to try when another process takes the one picked first.
 const PORT_ATTEMPTS: usize = 5;
 
@@ -121,20 +118,6 @@ fn poll(what: &str, limit: Duration, mut check: impl FnMut() -> Result<(), Strin
     }
 }
 
-/// A unique, not yet existing directory under the system temp dir.
-fn unique_dir(kind: &str) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!(
-        "strata-{kind}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ))
-}
-
 /// A free local port other than Redis' defaults (bound, then released).
 fn free_port() -> u16 {
     loop {
@@ -178,12 +161,6 @@ impl SentinelProcess {
         panic!("sentinel did not start after {PORT_ATTEMPTS} attempts: {last_error}");
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
     fn spawn_and_wait(&mut self, service: &str, master_port: u16) -> Result<(), String> {
         let conf = self.dir.join("sentinel.conf");
         let dir = self.dir.display();
@@ -212,36 +189,12 @@ impl SentinelProcess {
             ))
             .spawn()
             .unwrap_or_else(|e| panic!("spawning redis-server --sentinel: {e}"));
+        let port = self.port;
+        let child = await_pong("sentinel", port, &self.dir, "sentinel.log", child, || {
+            try_cli(port, &["ping"]).is_ok_and(|out| out == "PONG")
+        })?;
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if try_cli(self.port, &["ping"]).is_ok_and(|out| out == "PONG") {
-                return Ok(());
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                self.child = None;
-                let stderr =
-                    std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                return Err(format!(
-                    "sentinel on port {} exited with {status}; stderr: {stderr}; log:\n{}",
-                    self.port,
-                    self.log_tail()
-                ));
-            }
-            if Instant::now() >= deadline {
-                self.reap();
-                return Err(format!(
-                    "sentinel on port {} did not answer PING within {START_TIMEOUT:?}; log:\n{}",
-                    self.port,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(())
     }
 
     /// Runs redis-cli against this sentinel; stdout trimmed.
@@ -250,10 +203,7 @@ impl SentinelProcess {
     }
 
     fn reap(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_wait(&mut self.child);
     }
 }
 
