@@ -66,6 +66,35 @@ struct StoredEntry {
     tags: Vec<String>,
 }
 
+thread_local! {
+    // A zstd context holds megabytes of tables: building one per call cost more than compressing a
+    // small entry. One per thread, reused (the codec runs on runtime and blocking-pool threads).
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(payload: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        slot.as_mut()?.compress(payload).ok()
+    })
+}
+
+fn decompress(data: &[u8], limit: usize) -> Option<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        if slot.is_none() {
+            *slot = zstd::bulk::Decompressor::new().ok();
+        }
+        slot.as_mut()?.decompress(data, limit).ok()
+    })
+}
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -126,7 +155,7 @@ pub fn encode(slot: &Slot) -> Vec<u8> {
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     if payload.len() > COMPRESS_ABOVE {
-        if let Ok(compressed) = zstd::bulk::compress(&payload, ZSTD_LEVEL) {
+        if let Some(compressed) = compress(&payload) {
             if compressed.len() < payload.len() {
                 out.push(FLAG_ZSTD);
                 out.extend_from_slice(&compressed);
@@ -154,7 +183,7 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
         .saturating_add(HEADER_ALLOWANCE);
     let inflated;
     let payload = if flags & FLAG_ZSTD != 0 {
-        inflated = zstd::bulk::decompress(body, limit).map_err(|_| CodecError::TooLarge)?;
+        inflated = decompress(body, limit).ok_or(CodecError::TooLarge)?;
         &inflated[..]
     } else if flags == 0 {
         body
