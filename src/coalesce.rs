@@ -6,7 +6,6 @@
 //! `watch` channel, which wakes all of them together; quick_cache's guard would wake them one by one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,8 +28,6 @@ pub enum FlightState {
 
 struct Flight {
     state: watch::Sender<FlightState>,
-    /// Set when the key is invalidated while the fill is under way: the fill must not be stored.
-    invalidated: AtomicBool,
 }
 
 #[derive(Default)]
@@ -81,7 +78,10 @@ impl Coalescer {
     }
 
     /// Becomes the leader for `key`, or a follower of the fill already under way.
-    pub fn join(self: &Arc<Self>, key: &str) -> Join {
+    ///
+    /// `purge_generation` is read by the caller before joining: every purge recorded after it is
+    /// one the fill must not undo (see `crate::invalidate::PurgeLog`).
+    pub fn join(self: &Arc<Self>, key: &str, purge_generation: u64) -> Join {
         let mut flights = self.lock();
         if let Some(flight) = flights.get(key) {
             return Join::Follower(Follower {
@@ -89,31 +89,20 @@ impl Coalescer {
             });
         }
         let (state, _) = watch::channel(FlightState::Pending);
-        let flight = Arc::new(Flight {
-            state,
-            invalidated: AtomicBool::new(false),
-        });
+        let flight = Arc::new(Flight { state });
         flights.insert(key.to_string(), flight.clone());
         Join::Leader(FlightPermit {
             coalescer: self.clone(),
             key: key.to_string(),
             flight,
             finished: false,
-            purge_generation: 0,
+            purge_generation,
         })
     }
 
     /// Whether a fill for `key` is under way.
     pub fn in_flight(&self, key: &str) -> bool {
         self.lock().contains_key(key)
-    }
-
-    /// Marks a fill under way for `key` as overtaken by an invalidation.
-    pub fn invalidate(&self, key: &str) {
-        if let Some(flight) = self.lock().get(key) {
-            // SeqCst pairs with the fill's store-then-check: see `FlightPermit::is_invalidated`.
-            flight.invalidated.store(true, Ordering::SeqCst);
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Flight>>> {
@@ -140,20 +129,8 @@ impl FlightPermit {
         &self.key
     }
 
-    /// Remembers the purge generation at which this fill begins.
-    pub fn begin_at(&mut self, purge_generation: u64) {
-        self.purge_generation = purge_generation;
-    }
-
     pub fn purge_generation(&self) -> u64 {
         self.purge_generation
-    }
-
-    /// True when the key was invalidated after this fill began. A fill stores first and asks this
-    /// after: either the invalidation's purge comes later and removes what was stored, or this sees
-    /// the flag and the fill removes it itself. Checking before storing would leave a window.
-    pub fn is_invalidated(&self) -> bool {
-        self.flight.invalidated.load(Ordering::SeqCst)
     }
 
     /// The fill stored `entry`; followers answer from it.
@@ -202,10 +179,10 @@ mod tests {
     #[tokio::test]
     async fn dropped_leader_releases_followers() {
         let coalescer = Coalescer::new();
-        let Join::Leader(permit) = coalescer.join("k") else {
+        let Join::Leader(permit) = coalescer.join("k", 0) else {
             panic!("first join must lead");
         };
-        let Join::Follower(follower) = coalescer.join("k") else {
+        let Join::Follower(follower) = coalescer.join("k", 0) else {
             panic!("second join must follow");
         };
         drop(permit);
@@ -219,8 +196,8 @@ mod tests {
     #[tokio::test]
     async fn follower_times_out() {
         let coalescer = Coalescer::new();
-        let _leader = coalescer.join("k");
-        let Join::Follower(follower) = coalescer.join("k") else {
+        let _leader = coalescer.join("k", 0);
+        let Join::Follower(follower) = coalescer.join("k", 0) else {
             panic!("second join must follow");
         };
         assert!(matches!(

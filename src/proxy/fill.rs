@@ -98,11 +98,10 @@ impl Proxy {
         parts: Parts,
         target: &Target,
         mut stored: Option<Arc<Entry>>,
-        mut permit: FlightPermit,
+        permit: FlightPermit,
         fwd: Fwd,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
-        permit.begin_at(inner.purge_log.generation());
         let Some(l2) = inner.cache.l2().cloned() else {
             return self
                 .fetch_as_leader(parts, target, stored, permit, fwd, FleetLock::none())
@@ -374,7 +373,8 @@ impl Proxy {
 
 impl Proxy {
     /// Stores a fill's result and hands it to the followers, unless an invalidation overtook it.
-    /// Store first, check second (see [`FlightPermit::is_invalidated`]). A fill holding the
+    /// Store first, check the purge log second: a purge logged after the permit's generation either
+    /// comes before this check (seen here) or purges what was stored. A fill holding the
     /// fleet-wide lock writes L2 before releasing it, so waiting instances find the result.
     async fn settle(
         &self,
@@ -395,10 +395,9 @@ impl Proxy {
             inner.cache.store(key, entry.clone(), request_headers, now);
         }
         lock.release().await;
-        let overtaken = permit.is_invalidated()
-            || inner
-                .purge_log
-                .overtaken(permit.purge_generation(), key, &entry.tags);
+        let overtaken = inner
+            .purge_log
+            .overtaken(permit.purge_generation(), key, &entry.tags);
         if overtaken {
             // A purge that concerns this response arrived while it was being fetched: what was
             // just stored must not outlive it (an in-flight request never undoes a purge).

@@ -152,9 +152,6 @@ impl Proxy {
         Stats::incr(&inner.stats.purges);
         // Logged first: a fill that is under way checks the log when it stores.
         inner.purge_log.record(&purge);
-        if let (Selector::Key(key), false) = (&purge.selector, purge.soft) {
-            inner.coalescer.invalidate(key);
-        }
         let now = inner.clock.now();
         let l1_removed = inner.cache.purge_l1(&purge, now);
         let l2_removed = inner.cache.purge_l2(&purge, now).await;

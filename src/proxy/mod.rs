@@ -348,7 +348,10 @@ impl Proxy {
         let inner = &self.0;
         // Two rounds: a follower handed another variant of the URL tries once more (and may lead).
         for _ in 0..2 {
-            let follower = match inner.coalescer.join(&target.key) {
+            let follower = match inner
+                .coalescer
+                .join(&target.key, inner.purge_log.generation())
+            {
                 Join::Leader(permit) => {
                     return self.lead_detached(parts, target, stored, permit, fwd).await
                 }
@@ -512,7 +515,6 @@ impl Proxy {
             selector: Selector::Key(key.to_string()),
             soft: false,
         });
-        self.0.coalescer.invalidate(key);
         self.0.cache.purge(key, PurgeReason::Invalidation);
         if self.0.cache.l2().is_some() {
             // Other instances' L1 copies go too; off the response path.
@@ -674,7 +676,10 @@ impl Proxy {
     /// Starts the one background revalidation of a stale entry (unless a fill is already under way).
     fn refresh_in_background(&self, parts: &Parts, target: &Target, stale: Arc<Entry>) {
         let inner = &self.0;
-        let Join::Leader(permit) = inner.coalescer.join(&target.key) else {
+        let Join::Leader(permit) = inner
+            .coalescer
+            .join(&target.key, inner.purge_log.generation())
+        else {
             return;
         };
         Stats::incr(&inner.stats.refreshes);
