@@ -29,7 +29,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    let code = runtime.block_on(run(config));
+    drop(runtime);
+    // Log lines are written in batches: the last ones go out before the process does.
+    strata::telemetry::flush();
+    code
 }
 
 async fn run(config: Config) -> ExitCode {

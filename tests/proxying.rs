@@ -341,6 +341,54 @@ async fn origin_timeout_bounds_body_gaps_not_the_whole_body() {
     assert_eq!(origin.hits("/stall"), 2);
 }
 
+/// Uncacheable answers stream straight through (no fill task): the same per-gap deadline applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_timeout_bounds_gaps_in_passed_through_bodies() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        // Six gaps of 100 ms: 600 ms in all, longer than ORIGIN_TIMEOUT, each gap well under it.
+        "/trickle" => Reply::chunks(
+            (0..7).map(|i| Bytes::from(format!("part{i};"))).collect(),
+            Duration::from_millis(100),
+        )
+        .cc("no-store"),
+        _ => Reply::chunks(
+            vec![Bytes::from("head;"), Bytes::from("tail")],
+            Duration::from_millis(1500),
+        )
+        .cc("no-store"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_TIMEOUT", "400ms")]).await;
+
+    for _ in 0..2 {
+        let r = get(&proxy.url("/trickle"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "part0;part1;part2;part3;part4;part5;part6;");
+    }
+
+    let started = Instant::now();
+    let resp = request_streaming("GET", &proxy.url("/stall"), &[], empty()).await;
+    assert_eq!(resp.status(), 200);
+    let outcome = within(
+        "stalled pass-through body to be cut off",
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await;
+    if let Ok(body) = outcome {
+        assert_ne!(
+            &body.to_bytes()[..],
+            b"head;tail",
+            "the body survived a gap longer than ORIGIN_TIMEOUT"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "cut-off took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
     let origin = MockOrigin::start(|_| Reply::ok("fine").cc("no-store")).await;

@@ -22,7 +22,8 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
 pub fn cache_key(host: &str, uri: &Uri) -> String {
     let path_and_query = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     let mut key = String::with_capacity(host.len() + path_and_query.len());
-    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(host);
+    key.make_ascii_lowercase();
     if !path_and_query.starts_with('/') {
         key.push('/');
     }

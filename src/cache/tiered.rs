@@ -19,6 +19,17 @@ use crate::invalidate::{Purge, Selector};
 /// expired first would hide variants that are still good.
 const VARY_RECORD_MIN_TTL: Duration = Duration::from_secs(3600);
 
+/// What one read of a URL's L1 slot found.
+#[derive(Debug, Default)]
+pub struct L1Lookup {
+    /// A stored response for this request.
+    pub entry: Option<Arc<Entry>>,
+    /// The URL's responses `Vary` and none is stored for this request's selecting headers.
+    pub vary_miss: bool,
+    /// A hit-for-miss marker: the URL's answers are not stored until then.
+    pub pass_until: Option<SystemTime>,
+}
+
 pub struct Cache {
     l1: L1,
     l2: Option<Arc<L2>>,
@@ -56,23 +67,23 @@ impl Cache {
 
     /// The L1 response for this URL that matches the request's selecting headers, if any.
     #[inline]
-    pub fn lookup(&self, key: &str, request_headers: &HeaderMap) -> Option<Arc<Entry>> {
-        match self.l1.get(key)? {
-            Slot::Entry(entry) => entry.variant.is_empty().then_some(entry),
-            Slot::Pass(_) => None,
-            Slot::Vary(record) => {
+    pub fn lookup(&self, key: &str, request_headers: &HeaderMap) -> L1Lookup {
+        let mut found = L1Lookup::default();
+        match self.l1.get(key) {
+            None => {}
+            Some(Slot::Entry(entry)) => found.entry = entry.variant.is_empty().then_some(entry),
+            Some(Slot::Pass(until)) => found.pass_until = Some(until),
+            Some(Slot::Vary(record)) => {
                 let variant = variant_key(key, record.nonce, &record.names, request_headers);
-                match self.l1.get(&variant)? {
-                    Slot::Entry(entry) if entry.matches_variant(request_headers) => Some(entry),
-                    _ => None,
+                match self.l1.get(&variant) {
+                    Some(Slot::Entry(entry)) if entry.matches_variant(request_headers) => {
+                        found.entry = Some(entry);
+                    }
+                    _ => found.vary_miss = true,
                 }
             }
         }
-    }
-
-    /// Whether the origin recently answered this URL with something not to be stored.
-    pub fn is_pass(&self, key: &str, now: SystemTime) -> bool {
-        matches!(self.l1.get(key), Some(Slot::Pass(until)) if now < until)
+        found
     }
 
     /// Remembers for `for_how_long` that this URL's answers cannot be stored.

@@ -36,8 +36,10 @@ pin_project_lite::pin_project! {
         Full { data: Option<Bytes> },
         /// A client's request body on its way to the origin.
         Client { #[pin] body: Incoming },
-        /// An origin's response body on its way to the client.
-        Origin { #[pin] body: Incoming, idle: Pin<Box<Sleep>>, timeout: Duration },
+        /// An origin's response body on its way to the client. The idle deadline is armed only
+        /// when the body first makes the client wait, and moved on only after progress: a body
+        /// that is already buffered (most small ones) never touches the timer wheel.
+        Origin { #[pin] body: Incoming, idle: Option<Pin<Box<Sleep>>>, progressed: bool, timeout: Duration },
         /// Chunks forwarded by a fill task that also stores them.
         Channel { rx: mpsc::Receiver<ChannelItem>, complete: bool },
     }
@@ -59,7 +61,8 @@ impl ProxyBody {
     pub fn origin(body: Incoming, timeout: Duration) -> Self {
         ProxyBody::Origin {
             body,
-            idle: Box::pin(tokio::time::sleep(timeout)),
+            idle: None,
+            progressed: false,
             timeout,
         }
     }
@@ -93,16 +96,31 @@ impl Body for ProxyBody {
             ProxyBodyProj::Origin {
                 body,
                 idle,
+                progressed,
                 timeout,
             } => match body.poll_frame(cx) {
                 Poll::Ready(frame) => {
-                    idle.as_mut().reset(Instant::now() + *timeout);
+                    *progressed = true;
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
-                Poll::Pending => match idle.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(IdleTimeout(*timeout).into()))),
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Pending => {
+                    let sleep = match idle {
+                        Some(sleep) => {
+                            if std::mem::take(progressed) {
+                                sleep.as_mut().reset(Instant::now() + *timeout);
+                            }
+                            sleep
+                        }
+                        None => {
+                            *progressed = false;
+                            idle.insert(Box::pin(tokio::time::sleep(*timeout)))
+                        }
+                    };
+                    match sleep.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(IdleTimeout(*timeout).into()))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             },
             ProxyBodyProj::Channel { rx, complete } => {
                 if *complete {

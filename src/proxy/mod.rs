@@ -26,7 +26,6 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::cache::key::{cache_key, request_host};
-use crate::cache::l1::Slot;
 use crate::cache::policy::revalidation_matches;
 use crate::cache::policy::{needs_full_evaluation, RequestDirectives};
 use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
@@ -160,36 +159,36 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let method = request.method().clone();
-        let uri = request.uri().clone();
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| uri.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        // What the access line needs once the request is consumed, taken only when it is written.
+        let logged = tracing::enabled!(target: "strata::access", tracing::Level::INFO).then(|| {
+            (
+                request.method().clone(),
+                request.uri().clone(),
+                request.headers().get(header::HOST).cloned(),
+            )
+        });
         let response = self.route(request, peer).await;
+        let elapsed = started.elapsed();
         let status = cache_status_of(&response);
         self.0.stats.count(status);
         if status == CacheStatus::HitL1 {
-            self.0.stats.hit_latency.observe(started.elapsed());
+            self.0.stats.hit_latency.observe(elapsed);
         }
-        let x_cache = response
-            .headers()
-            .get(headers::X_CACHE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
-        tracing::info!(
-            target: "strata::access",
-            method = %method,
-            host = %host,
-            path = %crate::telemetry::loggable(uri.path(), self.0.config.log_redact_keys),
-            status = response.status().as_u16(),
-            x_cache,
-            // Time to the response headers (the body may still be streaming), in ms to the microsecond.
-            duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
-        );
+        if let Some((method, uri, host)) = logged {
+            let host = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| uri.authority().map(|a| a.as_str()))
+                .unwrap_or_default();
+            crate::telemetry::access(&crate::telemetry::AccessRecord {
+                method: method.as_str(),
+                host,
+                path: &crate::telemetry::loggable(uri.path(), self.0.config.log_redact_keys),
+                status: response.status().as_u16(),
+                x_cache: status.as_str(),
+                duration: elapsed,
+            });
+        }
         response
     }
 
@@ -216,7 +215,7 @@ impl Proxy {
             peer,
         };
         if request.method().as_str() == "PURGE" {
-            return self.purge_method(&request, target).await;
+            return Box::pin(self.purge_method(&request, target)).await;
         }
         let websocket = if request.method() == Method::GET {
             headers::upgrade_requested(request.headers())
@@ -225,9 +224,7 @@ impl Proxy {
         };
         if let Some(protocol) = websocket {
             let on_client_upgrade = hyper::upgrade::on(&mut request);
-            return self
-                .upgrade(request, target, protocol, on_client_upgrade)
-                .await;
+            return Box::pin(self.upgrade(request, target, protocol, on_client_upgrade)).await;
         }
         match *request.method() {
             // A GET or HEAD with a body is not what its URL names: pass it through, body and all.
@@ -241,7 +238,7 @@ impl Proxy {
                 "405 Method Not Allowed: CONNECT\n",
                 Detail::Bypass,
             ),
-            _ => self.pass_unsafe(request, target).await,
+            _ => Box::pin(self.pass_unsafe(request, target)).await,
         }
     }
 
@@ -250,7 +247,8 @@ impl Proxy {
         let inner = &self.0;
         let now = inner.clock.now();
         let head = parts.method == Method::HEAD;
-        let stored = inner.cache.lookup(&target.key, &parts.headers);
+        let found = inner.cache.lookup(&target.key, &parts.headers);
+        let stored = found.entry;
 
         // Fast path: no request directives or conditionals, a fresh entry.
         if !needs_full_evaluation(&parts.headers) {
@@ -285,7 +283,9 @@ impl Proxy {
         }
         if directives.only_if_cached {
             if stored.is_none() {
-                if let Some(found) = inner.cache.lookup_l2(&target.key, &parts.headers).await {
+                if let Some(found) =
+                    Box::pin(inner.cache.lookup_l2(&target.key, &parts.headers)).await
+                {
                     if satisfies(&found, &directives, now) {
                         return respond::from_entry(
                             &found,
@@ -310,9 +310,7 @@ impl Proxy {
         let fwd = match (&stored, directives.no_cache) {
             (_, true) => Fwd::Request,
             (Some(_), false) => Fwd::Stale,
-            (None, false) if matches!(inner.cache.l1().get(&target.key), Some(Slot::Vary(_))) => {
-                Fwd::VaryMiss
-            }
+            (None, false) if found.vary_miss => Fwd::VaryMiss,
             (None, false) => Fwd::UriMiss,
         };
         let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
@@ -325,16 +323,12 @@ impl Proxy {
             || directives.no_store
             || (client_conditional && stored.is_none())
         {
-            return self
-                .forward(parts, ProxyBody::empty(), &target, stored, fwd)
-                .await;
+            return Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await;
         }
-        if stored.is_none() && inner.cache.is_pass(&target.key, now) {
-            return self
-                .forward(parts, ProxyBody::empty(), &target, None, fwd)
-                .await;
+        if stored.is_none() && found.pass_until.is_some_and(|until| now < until) {
+            return Box::pin(self.forward(parts, ProxyBody::empty(), &target, None, fwd)).await;
         }
-        self.fetch_coalesced(parts, target, stored, fwd).await
+        Box::pin(self.fetch_coalesced(parts, target, stored, fwd)).await
     }
 
     /// A miss (or a stale entry that must be revalidated): one leader per key goes to the origin.
@@ -432,7 +426,11 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let inner = &self.0;
         let head = parts.method == Method::HEAD;
-        let request_headers = parts.headers.clone();
+        // Only an answer from the stored copy needs the request's headers afterwards.
+        let request_headers = match &stored {
+            Some(_) => parts.headers.clone(),
+            None => http::HeaderMap::new(),
+        };
         let revalidating = stored
             .as_ref()
             .filter(|entry| {

@@ -149,6 +149,7 @@ pub fn from_entry(
         } else {
             ProxyBody::full(entry.body.clone())
         };
+        // The stored map has index room for the fields added below (see `Entry::new`).
         (entry.status, entry.headers.clone(), body)
     };
     headers.insert(header::AGE, HeaderValue::from(entry.age(now)));
