@@ -9,8 +9,13 @@ use http::StatusCode;
 
 use super::policy::Lifetime;
 
-/// Per-entry bookkeeping the weigher adds to the headers and body it counts.
-const ENTRY_OVERHEAD: u64 = 256;
+/// What one heap allocation costs beyond its bytes (glibc's chunk header and rounding).
+const ALLOCATION: usize = 16;
+/// A header field in an `http::HeaderMap` beyond its name and value: hash, links, index slot.
+const FIELD_BOOKKEEPING: usize = 40;
+/// Fields every answer from an entry adds (`Age`, `Via`, `X-Cache`, `Cache-Status`): a stored map
+/// has index room for them, so a hit's copy of it takes them without rebuilding its hash index.
+const ANSWER_FIELDS: usize = 4;
 
 #[derive(Debug)]
 pub struct Entry {
@@ -63,20 +68,38 @@ impl Entry {
             variant,
             tags,
         } = admission;
-        let mut headers = detach_headers(headers);
-        headers.remove(header::AGE);
-        headers.remove(header::TRANSFER_ENCODING);
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let headers = stored_headers(headers, body.len());
         let etag = headers.get(header::ETAG).cloned();
         let last_modified = headers
             .get(header::LAST_MODIFIED)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| httpdate::parse_http_date(v).ok());
-        let header_bytes: usize = headers
+        let variant_bytes: usize = variant
             .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .map(|(name, values)| {
+                name.as_str().len()
+                    + values
+                        .iter()
+                        .map(|v| v.len() + std::mem::size_of::<HeaderValue>() + ALLOCATION)
+                        .sum::<usize>()
+                    + std::mem::size_of::<(HeaderName, Vec<HeaderValue>)>()
+            })
             .sum();
-        let weight = ENTRY_OVERHEAD + header_bytes as u64 + body.len() as u64;
+        let tag_bytes: usize = tags
+            .iter()
+            .map(|t| t.len() + std::mem::size_of::<String>() + ALLOCATION)
+            .sum();
+        // What the entry really holds on the heap, so CACHE_SIZE_MB bounds the resident size: with
+        // small bodies the map and the bookkeeping weigh as much as the body.
+        let weight = std::mem::size_of::<Entry>()
+            + 2 * std::mem::size_of::<usize>()
+            + ALLOCATION
+            + header_footprint(&headers)
+            + variant_bytes
+            + tag_bytes
+            + body.len()
+            + ALLOCATION;
+        let weight = weight as u64;
         Entry {
             status,
             headers,
@@ -188,13 +211,50 @@ impl Entry {
     }
 }
 
-/// A copy of `headers` that owns its values (see [`Entry::new`]).
-pub fn detach_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut owned = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        owned.append(name.clone(), detach_value(value));
+/// The stored copy of a response's headers: `Age` (recomputed on every answer) and
+/// `Transfer-Encoding` dropped, `Content-Length` set to the body's, every value copied into one
+/// shared buffer (hyper's values are slices of a connection's read buffer, which a stored slice
+/// would keep alive, unweighed; one buffer is one allocation where a copy per value would be ten).
+fn stored_headers(headers: &HeaderMap, body_len: usize) -> HeaderMap {
+    let kept = |name: &HeaderName| {
+        name != header::AGE && name != header::TRANSFER_ENCODING && name != header::CONTENT_LENGTH
+    };
+    let mut buffer = bytes::BytesMut::with_capacity(
+        headers
+            .iter()
+            .filter(|(name, _)| kept(name))
+            .map(|(_, value)| value.len())
+            .sum(),
+    );
+    for (_, value) in headers.iter().filter(|(name, _)| kept(name)) {
+        buffer.extend_from_slice(value.as_bytes());
     }
-    owned
+    let mut buffer = buffer.freeze();
+    let mut stored = HeaderMap::with_capacity(headers.len() + 1 + ANSWER_FIELDS);
+    for (name, value) in headers.iter().filter(|(name, _)| kept(name)) {
+        let bytes = buffer.split_to(value.len());
+        let mut copy =
+            HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| detach_value(value));
+        copy.set_sensitive(value.is_sensitive());
+        stored.append(name.clone(), copy);
+    }
+    stored.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    // A clone keeps the hash index's room but sizes the list of fields exactly: room in the index
+    // spares every hit's copy a rehash, room in the list would cost memory in every entry.
+    stored.clone()
+}
+
+/// Heap bytes of a stored header map: its fields, its index, the shared buffer of values.
+fn header_footprint(headers: &HeaderMap) -> usize {
+    let per_field =
+        std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + FIELD_BOOKKEEPING;
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| per_field + name.as_str().len() + value.len())
+        .sum();
+    // The index holds 4-byte positions for 4/3 of the usable capacity.
+    let index = headers.capacity() * 16 / 3;
+    fields + index + 4 * ALLOCATION
 }
 
 /// A header value that owns its bytes.
@@ -212,4 +272,107 @@ pub fn detach_body(chunks: Vec<Bytes>, size: usize) -> Bytes {
         joined.extend_from_slice(&chunk);
     }
     joined.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission() -> Admission {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        Admission {
+            lifetime: Lifetime {
+                fresh_until: now,
+                stale_while_revalidate_until: now,
+                stale_if_error_until: now,
+                initial_age: Duration::ZERO,
+            },
+            never_stale: false,
+            honours_max_stale: false,
+            variant: Vec::new(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Headers whose values are slices of one "read buffer", as hyper hands them out.
+    fn received(fields: &[(&'static str, &str)]) -> (HeaderMap, Bytes) {
+        let joined: String = fields.iter().map(|(_, v)| *v).collect();
+        let buffer = Bytes::from(joined);
+        let mut headers = HeaderMap::new();
+        let mut at = 0;
+        for (name, value) in fields {
+            let slice = buffer.slice(at..at + value.len());
+            at += value.len();
+            let value = HeaderValue::from_maybe_shared(slice)
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+            headers.append(*name, value);
+        }
+        (headers, buffer)
+    }
+
+    #[test]
+    fn stored_headers_own_their_bytes_and_drop_per_answer_fields() {
+        let (headers, buffer) = received(&[
+            ("content-type", "text/plain"),
+            ("age", "12"),
+            ("transfer-encoding", "chunked"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("content-length", "999"),
+        ]);
+        let entry = Entry::new(
+            StatusCode::OK,
+            &headers,
+            Bytes::from_static(b"hello"),
+            SystemTime::UNIX_EPOCH,
+            admission(),
+        );
+        let read_buffer = buffer.as_ptr_range();
+        for (name, value) in &entry.headers {
+            assert!(
+                !read_buffer.contains(&value.as_bytes().as_ptr()),
+                "{name} still points into the read buffer"
+            );
+        }
+        assert!(entry.headers.get(header::AGE).is_none());
+        assert!(entry.headers.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(entry.headers[header::CONTENT_LENGTH], "5");
+        assert_eq!(entry.headers[header::CONTENT_TYPE], "text/plain");
+        let cookies: Vec<_> = entry.headers.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "repeated fields keep their order");
+    }
+
+    #[test]
+    fn weight_counts_the_header_map_not_just_its_bytes() {
+        let body = Bytes::from(vec![0u8; 1024]);
+        let (few, _) = received(&[("content-type", "text/plain")]);
+        let (many, _) = received(&[
+            ("content-type", "text/plain"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+            ("x-d", "4"),
+        ]);
+        let small = Entry::new(
+            StatusCode::OK,
+            &few,
+            body.clone(),
+            SystemTime::UNIX_EPOCH,
+            admission(),
+        );
+        let large = Entry::new(
+            StatusCode::OK,
+            &many,
+            body,
+            SystemTime::UNIX_EPOCH,
+            admission(),
+        );
+        let per_field = (large.weight() - small.weight()) / 4;
+        assert!(
+            per_field as usize
+                >= std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>(),
+            "a field in the map weighs {per_field} bytes"
+        );
+        assert!(small.weight() as usize > 1024 + std::mem::size_of::<Entry>());
+    }
 }

@@ -15,6 +15,8 @@ use super::entry::Entry;
 
 /// Headroom above `CACHE_MAX_OBJECT_MB` for the key and headers of a largest object.
 const HEADER_MARGIN: u64 = 64 * 1024;
+/// A key's cost beyond its bytes: the `String`, its allocation, quick_cache's slot and hash entry.
+const KEY_BOOKKEEPING: u64 = 96;
 /// Average object size assumed to pre-size the map (it only affects allocation, not limits).
 const ASSUMED_AVERAGE_OBJECT: u64 = 16 * 1024;
 
@@ -52,7 +54,7 @@ impl Weighter<String, Slot> for SlotWeighter {
             }
             Slot::Pass(_) => 32,
         };
-        key.len() as u64 + value
+        key.len() as u64 + KEY_BOOKKEEPING + value
     }
 }
 
