@@ -18,6 +18,7 @@
 #   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+7)
 #   SERVERS       which parts run (default "nginx varnish ceiling strata l2"; l2 = redis + Strata L2)
 #   STRATA_BUILD  0 skips `cargo build --release` and uses the existing target/release/strata
+#   MEMORY_MB     CACHE_SIZE_MB of the memory scenario (default 256; 0 skips it)
 #
 # What it does: installs what is missing (wrk, nginx, varnish, redis) from Debian without root
 # (`apt-get download` + `dpkg -x` into target/bench-deps), builds Strata (`cargo build --release`) and
@@ -27,6 +28,8 @@
 #                                 redis-benchmark GET of a 1 KiB value (CONNECTIONS clients, and 1)
 #   pass-through of /pass         nginx, Varnish, Strata, and the origin hit directly
 #   cold-key stampede             STAMPEDE_N concurrent GETs of one fresh 100 ms key: origin requests
+#   memory                        Strata with CACHE_SIZE_MB=MEMORY_MB filled with distinct 1 KiB, then
+#                                 100 KiB objects until L1 evicts: peak resident size (VmHWM)
 # and prints the table (requests/s, p50, p99), the ratios, and the issue-5 targets; the same goes to
 # bench/results.md with the date and the machine. Logs and configs of the run: target/bench-run/.
 #
@@ -52,6 +55,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 BACKEND_CPU=${BACKEND_CPU:-$LOAD_CPU}
 PORT_BASE=${PORT_BASE:-18000}
 SERVERS=${SERVERS:-nginx varnish ceiling strata l2}
+MEMORY_MB=${MEMORY_MB:-256}
 want() { [[ " $SERVERS " == *" $1 "* ]]; }
 
 ORIGIN_PORT=$PORT_BASE
@@ -441,6 +445,29 @@ if want strata; then
     stop "$pid"
 fi
 
+# --- Memory: a full L1 of small objects, then of large ones ----------------------------------------
+declare -A MEM_HWM MEM_ENTRIES
+if want strata && ((MEMORY_MB > 0)); then
+    for object in 1k 100k; do
+        start_on "$SERVER_CPU" "$RUN/strata-memory-$object.log" env "${STRATA_ENV[@]}" CACHE_SIZE_MB="$MEMORY_MB" "$STRATA"
+        pid=$STARTED
+        wait_http "http://127.0.0.1:$STRATA_ADMIN_PORT/ready" "$pid" "$RUN/strata-memory-$object.log" || die "strata did not start"
+        # Fill with new URLs until L1 has evicted for a while (a full L1), at most 12 rounds.
+        for ((round = 1; round <= 12; round++)); do
+            FILL_PATH="/$object" FILL_RUN="$round" taskset -c "$LOAD_CPU" timeout 60 "$WRK" -t1 -c"$CONNECTIONS" -d3s \
+                -s "$ROOT/bench/fill.lua" "http://127.0.0.1:$STRATA_PORT" >"$RUN/wrk-memory-$object.txt" 2>&1 || true
+            stats=$(curl -s --max-time 5 "http://127.0.0.1:$STRATA_ADMIN_PORT/stats" || true)
+            evictions=$(echo "$stats" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("l1_evictions", 0))' 2>/dev/null || echo 0)
+            # 1 KiB: a few 10^5 entries fit; 100 KiB: a few thousand.
+            if [[ $object == 1k ]]; then ((evictions > 20000)) && break; else ((evictions > 3000)) && break; fi
+        done
+        MEM_ENTRIES[$object]=$(echo "$stats" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("l1_entries", "?"))' 2>/dev/null || echo "?")
+        MEM_HWM[$object]=$(awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status" 2>/dev/null || echo "")
+        log "memory    $object objects: CACHE_SIZE_MB=$MEMORY_MB, ${MEM_ENTRIES[$object]} entries, peak RSS ${MEM_HWM[$object]:-?} MiB"
+        stop "$pid"
+    done
+fi
+
 # --- L2: redis-benchmark reference, then Strata with CACHE_SIZE_MB=0 --------------------------------
 REDIS_P50=
 REDIS_P50_C1=
@@ -591,8 +618,14 @@ report() {
     r=$(num "${P50[l2_c1,strata]:-}"); [[ $r != n/a ]] && r=$(fmt_ms "$r")
     echo "| L2, 1 connection: p50 ≤ redis GET p50 + 0.2 ms (≤ $(num "$l2limit1") ms) | ${r} ms | $(check "$r" "<=" "$l2limit1") |"
     r=$(ratio "${RPS[pass,strata]:-}" "${RPS[pass,origin]:-}"); echo "| pass-through: ≥ 0.85× origin direct | ${r} | $(check "$r" ">=" 0.85) |"
+    local memlimit object
+    memlimit=$(awk -v m="$MEMORY_MB" 'BEGIN {printf "%.0f", 1.25 * m + 40}')
+    for object in 1k 100k; do
+        r=$(num "${MEM_HWM[$object]:-}")
+        echo "| memory, L1 full of ${object/k/ KiB} objects: peak RSS ≤ 1.25 × $MEMORY_MB + 40 = $memlimit MiB | ${r} MiB | $(check "$r" "<=" "$memlimit") |"
+    done
     echo
-    echo "Strata resident size after the L1 runs: ${STRATA_RSS:-?} MiB (L1 holds a handful of objects; the full-L1 memory target is not measured here)."
+    echo "Memory: CACHE_SIZE_MB=$MEMORY_MB filled with distinct URLs until L1 evicted (entries held: 1 KiB ${MEM_ENTRIES[1k]:-?}, 100 KiB ${MEM_ENTRIES[100k]:-?}); peak resident size (VmHWM). Strata's resident size after the hit runs, L1 nearly empty: ${STRATA_RSS:-?} MiB."
     if ((${#SKIPPED[@]})); then
         echo
         echo "Skipped:"
