@@ -124,10 +124,16 @@ pub fn access(record: &AccessRecord<'_>) {
             line.extend_from_slice(&micros.format(1_000_000 + subsec_micros).as_bytes()[1..]);
             line.push(b'Z');
         };
+        let micros = record.duration.as_micros();
+        let push_duration_ms = |line: &mut Vec<u8>| {
+            line.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+            line.push(b'.');
+            // Three digits, zero-padded: the leading 1 is dropped.
+            line.extend_from_slice(
+                &itoa::Buffer::new().format(1000 + micros % 1000).as_bytes()[1..],
+            );
+        };
         let mut number = itoa::Buffer::new();
-        let millis = record.duration.as_micros() / 1000;
-        let mut fraction = itoa::Buffer::new();
-        let fraction = &fraction.format(1000 + record.duration.as_micros() % 1000)[1..];
         match format {
             LogFormat::Text => {
                 push_stamp(line);
@@ -142,9 +148,7 @@ pub fn access(record: &AccessRecord<'_>) {
                 line.extend_from_slice(b" x_cache=\"");
                 line.extend_from_slice(record.x_cache.as_bytes());
                 line.extend_from_slice(b"\" duration_ms=");
-                line.extend_from_slice(number.format(millis).as_bytes());
-                line.push(b'.');
-                line.extend_from_slice(fraction.as_bytes());
+                push_duration_ms(line);
                 line.push(b'\n');
             }
             LogFormat::Json => {
@@ -161,9 +165,7 @@ pub fn access(record: &AccessRecord<'_>) {
                 line.extend_from_slice(b",\"x_cache\":\"");
                 line.extend_from_slice(record.x_cache.as_bytes());
                 line.extend_from_slice(b"\",\"duration_ms\":");
-                line.extend_from_slice(number.format(millis).as_bytes());
-                line.push(b'.');
-                line.extend_from_slice(fraction.as_bytes());
+                push_duration_ms(line);
                 line.extend_from_slice(b",\"target\":\"strata::access\"}\n");
             }
         }

@@ -286,6 +286,32 @@ async fn slow_origin_is_504_after_origin_timeout() {
     );
 }
 
+/// GETs `url`, whose origin sends `head;`, then stalls 1.5 s before `tail`: with ORIGIN_TIMEOUT
+/// 400ms the body must be cut off (an error or a short body), well before the stall ends.
+async fn assert_stall_cut_off(url: &str, what: &str) {
+    let started = Instant::now();
+    let resp = request_streaming("GET", url, &[], empty()).await;
+    assert_eq!(resp.status(), 200);
+    let outcome = within(
+        what,
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await;
+    if let Ok(body) = outcome {
+        assert_ne!(
+            &body.to_bytes()[..],
+            b"head;tail",
+            "the body survived a gap longer than ORIGIN_TIMEOUT"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "cut-off took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_timeout_bounds_body_gaps_not_the_whole_body() {
     let origin = MockOrigin::start(|r| match r.path.as_str() {
@@ -314,27 +340,7 @@ async fn origin_timeout_bounds_body_gaps_not_the_whole_body() {
     assert_eq!(r.text(), "part0;part1;part2;part3;part4;part5;");
 
     // The stalled body is cut off (the client sees an error or a short body) and not stored.
-    let started = Instant::now();
-    let resp = request_streaming("GET", &proxy.url("/stall"), &[], empty()).await;
-    assert_eq!(resp.status(), 200);
-    let outcome = within(
-        "stalled body to be cut off",
-        Duration::from_secs(5),
-        http_body_util::BodyExt::collect(resp.into_body()),
-    )
-    .await;
-    if let Ok(body) = outcome {
-        assert_ne!(
-            &body.to_bytes()[..],
-            b"head;tail",
-            "the body survived a gap longer than ORIGIN_TIMEOUT"
-        );
-    }
-    assert!(
-        started.elapsed() < Duration::from_millis(1400),
-        "cut-off took {:?}",
-        started.elapsed()
-    );
+    assert_stall_cut_off(&proxy.url("/stall"), "stalled body to be cut off").await;
     let r = get(&proxy.url("/stall"), &[]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "whole", "a cut-off body must not be stored");
@@ -366,27 +372,11 @@ async fn origin_timeout_bounds_gaps_in_passed_through_bodies() {
         assert_eq!(r.text(), "part0;part1;part2;part3;part4;part5;part6;");
     }
 
-    let started = Instant::now();
-    let resp = request_streaming("GET", &proxy.url("/stall"), &[], empty()).await;
-    assert_eq!(resp.status(), 200);
-    let outcome = within(
+    assert_stall_cut_off(
+        &proxy.url("/stall"),
         "stalled pass-through body to be cut off",
-        Duration::from_secs(5),
-        http_body_util::BodyExt::collect(resp.into_body()),
     )
     .await;
-    if let Ok(body) = outcome {
-        assert_ne!(
-            &body.to_bytes()[..],
-            b"head;tail",
-            "the body survived a gap longer than ORIGIN_TIMEOUT"
-        );
-    }
-    assert!(
-        started.elapsed() < Duration::from_millis(1400),
-        "cut-off took {:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test]
