@@ -148,6 +148,8 @@ fn stats(proxy: &Proxy) -> Response<ProxyBody> {
             "l1_evictions": s.l1_evictions,
             "origin_requests": s.origin_requests,
             "origin_errors": s.origin_errors,
+            "origin_connections": s.origin_connections,
+            "origin_idle_connections": s.origin_idle_connections,
             "coalesced": s.coalesced,
             "refreshes": s.refreshes,
             "purges": s.purges,

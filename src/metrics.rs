@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 17] = [
+    let families: [(&str, &str, &str, u64); 19] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -186,6 +186,18 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "counter",
             "Origin requests that failed (unreachable, timeout).",
             s.origin_errors,
+        ),
+        (
+            "strata_origin_connections_total",
+            "counter",
+            "Connections to the origin opened (each carries many requests when kept alive).",
+            s.origin_connections,
+        ),
+        (
+            "strata_origin_idle_connections",
+            "gauge",
+            "Kept-alive origin connections waiting for a request.",
+            s.origin_idle_connections,
         ),
         (
             "strata_purges_total",
@@ -259,6 +271,10 @@ pub struct StatsSnapshot {
     pub bypass: u64,
     pub origin_requests: u64,
     pub origin_errors: u64,
+    /// Connections to the origin opened since start.
+    pub origin_connections: u64,
+    /// Kept-alive origin connections idle in the pool now.
+    pub origin_idle_connections: u64,
     pub coalesced: u64,
     pub refreshes: u64,
     pub l1_bytes: u64,

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -412,4 +413,137 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
     let resp = get(&proxy.url("/after"), &[]).await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.text(), "fine");
+}
+
+/// Origin connections are kept alive and reused: sequential requests share one connection, and a
+/// burst opens no more connections than it has requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_connections_are_kept_alive_and_reused() {
+    let origin = MockOrigin::fixed("fresh every time", "no-store").await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    for _ in 0..20 {
+        let r = get(&proxy.url("/pass"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "fresh every time");
+    }
+    assert_eq!(origin.total(), 20);
+    assert_eq!(
+        origin.connections(),
+        1,
+        "one kept-alive connection carries them all"
+    );
+    let stats = proxy.stats();
+    assert_eq!(stats.origin_connections, 1);
+    assert_eq!(stats.origin_idle_connections, 1);
+
+    let burst: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(get_owned(proxy.url("/pass"))))
+        .collect();
+    for request in burst {
+        assert_eq!(request.await.unwrap().status, 200);
+    }
+    assert!(
+        origin.connections() <= 8,
+        "{} connections",
+        origin.connections()
+    );
+    assert_eq!(
+        proxy.stats().origin_connections as usize,
+        origin.connections()
+    );
+}
+
+async fn get_owned(url: String) -> Resp {
+    get(&url, &[]).await
+}
+
+/// An origin that answers `Connection: close` gets a new connection for every request, and a closed
+/// connection is never handed out again.
+#[tokio::test]
+async fn connections_the_origin_closes_are_not_reused() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("bye")
+            .cc("no-store")
+            .header("connection", "close")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    for _ in 0..3 {
+        let r = get(&proxy.url("/closing"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "bye");
+    }
+    assert_eq!(origin.connections(), 3);
+    assert_eq!(proxy.stats().origin_idle_connections, 0);
+}
+
+/// When the origin drops its idle keep-alive connections (its keep-alive timeout, a restart), the
+/// pool notices and the next request opens a new connection instead of failing.
+#[tokio::test]
+async fn pooled_connections_the_origin_dropped_are_replaced() {
+    let origin = MockOrigin::fixed("still here", "no-store").await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    assert_eq!(get(&proxy.url("/a"), &[]).await.status, 200);
+    assert_eq!(proxy.stats().origin_idle_connections, 1);
+
+    origin.drop_connections().await;
+    wait_until("the pool to notice the closed connection", || {
+        proxy.stats().origin_idle_connections == 0
+    })
+    .await;
+    let r = get(&proxy.url("/b"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "still here");
+    assert_eq!(origin.connections(), 2);
+    assert_eq!(proxy.stats().origin_errors, 0);
+}
+
+/// A response whose client left before its end leaves unread bytes on the origin connection: that
+/// connection is closed, never pooled, and the next request gets a clean one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_read_origin_connection_is_closed_not_pooled() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let origin_gate = gate.clone();
+    let origin = MockOrigin::start(move |r| match r.path.as_str() {
+        "/long" => Reply::gated("first;", origin_gate.clone(), "rest").cc("no-store"),
+        _ => Reply::ok("clean").cc("no-store"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /long HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("first;") {
+        let n = within(
+            "the first part of the body",
+            CLIENT_TIMEOUT,
+            client.read(&mut buf),
+        )
+        .await
+        .unwrap();
+        assert!(
+            n > 0,
+            "proxy closed early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(client);
+    wait_until("the half-read origin connection to close", || {
+        origin.open_connections() == 0
+    })
+    .await;
+    assert_eq!(proxy.stats().origin_idle_connections, 0);
+
+    let r = get(&proxy.url("/next"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "clean");
+    assert_eq!(origin.connections(), 2);
+    gate.notify_waiters();
 }

@@ -12,6 +12,8 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
+use super::origin::OriginBody;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a fill task sends its client: a chunk, `Ok(None)` for "complete", or the error that ended it.
@@ -39,7 +41,7 @@ pin_project_lite::pin_project! {
         /// An origin's response body on its way to the client. The idle deadline is armed only
         /// when the body first makes the client wait, and moved on only after progress: a body
         /// that is already buffered (most small ones) never touches the timer wheel.
-        Origin { #[pin] body: Incoming, idle: Option<Pin<Box<Sleep>>>, progressed: bool, timeout: Duration },
+        Origin { #[pin] body: OriginBody, idle: Option<Pin<Box<Sleep>>>, progressed: bool, timeout: Duration },
         /// Chunks forwarded by a fill task that also stores them.
         Channel { rx: mpsc::Receiver<ChannelItem>, complete: bool },
     }
@@ -58,7 +60,7 @@ impl ProxyBody {
         ProxyBody::Client { body }
     }
 
-    pub fn origin(body: Incoming, timeout: Duration) -> Self {
+    pub fn origin(body: OriginBody, timeout: Duration) -> Self {
         ProxyBody::Origin {
             body,
             idle: None,

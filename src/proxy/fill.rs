@@ -11,12 +11,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::origin::OriginBody;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -426,7 +426,7 @@ struct Fill {
 impl Fill {
     async fn run(
         self,
-        mut body: Incoming,
+        mut body: OriginBody,
         tx: mpsc::Sender<ChannelItem>,
         permit: FlightPermit,
         lock: FleetLock,

@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::invalidate::{Pending, Purge, PurgeLog, Selector};
 use crate::metrics::{Stats, StatsSnapshot};
 use body::ProxyBody;
-use origin::{Origin, OriginError};
+use origin::{Origin, OriginBody, OriginError};
 use respond::{Detail, Fwd};
 
 /// What a purge did.
@@ -116,6 +116,8 @@ impl Proxy {
         snapshot.l1_entries = l1.len();
         snapshot.l1_capacity_bytes = l1.capacity();
         snapshot.l1_evictions = l1.evictions();
+        snapshot.origin_connections = self.0.origin.connections_opened();
+        snapshot.origin_idle_connections = self.0.origin.idle_connections();
         if let Some(l2) = self.0.cache.l2() {
             let get =
                 |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -610,7 +612,7 @@ impl Proxy {
         mut parts: Parts,
         body: ProxyBody,
         target: &Target,
-    ) -> Result<Response<Incoming>, OriginError> {
+    ) -> Result<Response<OriginBody>, OriginError> {
         let uri = self
             .0
             .origin
@@ -636,7 +638,7 @@ impl Proxy {
     /// An origin answer streamed to the client as it arrives.
     pub(crate) fn pass_through(
         &self,
-        response: Response<Incoming>,
+        response: Response<OriginBody>,
         detail: Detail,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();

@@ -1,18 +1,39 @@
-//! The origin client: pooled keep-alive connections (http or https), the origin's URL prefix, and
-//! the deadline to response headers.
+//! The origin client: keep-alive HTTP/1.1 connections (http or https) to the one origin, pooled
+//! here, the origin's URL prefix, and the deadline to response headers.
+//!
+//! Strata talks to exactly one origin, so the pool is a single stack of idle connections rather
+//! than the general keyed pool of hyper-util's client: a request takes the most recently used idle
+//! connection (warm in the origin's caches too), and the connection goes back to the stack when the
+//! response body has been read to its end. Nothing is spawned per request; a connection costs one
+//! task for its lifetime.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower_service::Service;
 
 use super::body::ProxyBody;
 use crate::config::Config;
+
+/// Idle connections kept open at most (the newest are kept; more are closed when they come back).
+const MAX_IDLE: usize = 1024;
+/// An idle connection older than this is closed rather than reused: origins and load balancers in
+/// between drop quiet connections after a while, and a request sent on one of those fails.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a request waits for a returned connection that is not ready yet (see `checkout`).
+const BUSY_GRACE: Duration = Duration::from_millis(50);
 
 /// Why the origin gave no response. Maps to 502 (unreachable, broken) or 504 (too slow).
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +47,14 @@ pub enum OriginError {
 }
 
 pub struct Origin {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
-    scheme: Scheme,
-    authority: Authority,
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/` of `ORIGIN_URL`: where the connector connects.
+    connect_to: Uri,
+    /// `ORIGIN_URL`'s authority, the `Host` of a request that somehow has none.
+    authority: HeaderValue,
+    idle: Arc<IdlePool>,
+    /// Connections opened so far (with `idle_connections`, how well keep-alive works).
+    opened: AtomicU64,
     /// The path of `ORIGIN_URL` without its trailing slash ("" when none).
     prefix: String,
     timeout: Duration,
@@ -48,57 +74,278 @@ impl Origin {
             // different `Host` (the client's), which RFC 9113 §8.3.1 forbids and servers route apart.
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
         let scheme = config.origin.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let authority = config.origin.authority().cloned().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "ORIGIN_URL has no host")
-        })?;
+        let authority: Authority = config
+            .origin
+            .authority()
+            .cloned()
+            .ok_or_else(|| invalid("ORIGIN_URL has no host"))?;
+        let connect_to = Uri::builder()
+            .scheme(scheme)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| invalid("ORIGIN_URL is not a valid URL"))?;
+        let authority = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| invalid("ORIGIN_URL has an invalid host"))?;
         let prefix = config.origin.path().trim_end_matches('/').to_string();
+        let idle = Arc::new(IdlePool::default());
+        IdlePool::sweep_in_background(&idle);
         Ok(Origin {
-            client,
-            scheme,
+            connector,
+            connect_to,
             authority,
+            idle,
+            opened: AtomicU64::new(0),
             prefix,
             timeout: config.origin_timeout,
         })
     }
 
-    /// The origin URL for a client's path and query.
+    /// The request target sent to the origin (origin-form) for a client's path and query.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        if self.prefix.is_empty() {
+            // Shares the client's bytes: no copy, no parse.
+            return Ok(
+                path_and_query.map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
+            );
+        }
         let pq = path_and_query.map_or("/", PathAndQuery::as_str);
-        let joined;
-        let pq = if self.prefix.is_empty() {
-            pq
-        } else {
-            joined = format!("{}{}", self.prefix, pq);
-            &joined
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Uri::try_from(format!("{}{}", self.prefix, pq)).map_err(Into::into)
     }
 
     /// Sends a request, waiting at most `ORIGIN_TIMEOUT` for the response headers.
     pub async fn send(
         &self,
-        request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, OriginError> {
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<OriginBody>, OriginError> {
+        if !request.headers().contains_key(header::HOST) {
+            request
+                .headers_mut()
+                .insert(header::HOST, self.authority.clone());
+        }
+        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
             Err(_) => Err(OriginError::Timeout(self.timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => Err(OriginError::Unreachable(error_chain(&e))),
-            Ok(Err(e)) => Err(OriginError::Failed(error_chain(&e))),
+            Ok(result) => result,
         }
     }
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Connections to the origin opened since start.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Kept-alive connections waiting for a request now (not those the origin has since closed).
+    pub fn idle_connections(&self) -> u64 {
+        let idle = self.idle.lock();
+        idle.iter()
+            .filter(|entry| !entry.sender.is_closed())
+            .count() as u64
+    }
+
+    async fn exchange(
+        &self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<OriginBody>, OriginError> {
+        loop {
+            let (mut sender, reused) = match self.idle.checkout().await {
+                Some(sender) => (sender, true),
+                // Boxed: the connector's future is large and rarely needed; inline, every
+                // request's future would carry (and move) its space.
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.wrap(response, sender)),
+                Err(mut error) => match error.take_message() {
+                    // The origin closed a kept-alive connection before our request went out on it
+                    // (its idle timeout met our reuse): nothing was sent, so another connection may
+                    // carry it. A fresh connection failing this way is a real failure.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(OriginError::Failed(error_chain(&error.into_error()))),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ProxyBody>, OriginError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.connect_to.clone())
+            .await
+            .map_err(|e| OriginError::Unreachable(error_chain(&*e)))?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| OriginError::Failed(error_chain(&e)))?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            // Upgrades: a 101 answer hands the connection to the WebSocket splice.
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "origin connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn wrap(
+        &self,
+        response: Response<Incoming>,
+        sender: SendRequest<ProxyBody>,
+    ) -> Response<OriginBody> {
+        // After a 101 the connection belongs to the upgraded protocol, never to the pool.
+        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        let (parts, body) = response.into_parts();
+        let mut body = OriginBody {
+            body,
+            connection: reusable.then(|| Checkin {
+                pool: Arc::downgrade(&self.idle),
+                sender,
+            }),
+        };
+        if body.body.is_end_stream() {
+            body.release(); // no body to read (HEAD, 204, 304): the connection is free now
+        }
+        Response::from_parts(parts, body)
+    }
+}
+
+/// An origin response body. When it has been read to its end, its connection goes back to the
+/// pool; dropped before that, the connection is closed (its unread rest would poison the next
+/// response).
+pub struct OriginBody {
+    body: Incoming,
+    connection: Option<Checkin>,
+}
+
+impl OriginBody {
+    fn release(&mut self) {
+        if let Some(checkin) = self.connection.take() {
+            if let Some(pool) = checkin.pool.upgrade() {
+                pool.checkin(checkin.sender);
+            }
+        }
+    }
+}
+
+impl Body for OriginBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.connection = None,
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for OriginBody {
+    fn drop(&mut self) {
+        // A reader may stop at `is_end_stream` without polling for the end: the body is complete.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+struct Checkin {
+    pool: Weak<IdlePool>,
+    sender: SendRequest<ProxyBody>,
+}
+
+struct Idle {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// Idle connections, oldest first (each comes back at the end with the time it came back, so the
+/// stack stays sorted by `since`).
+#[derive(Default)]
+struct IdlePool(Mutex<Vec<Idle>>);
+
+impl IdlePool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used connection that can take a request now. Closed ones are dropped.
+    /// A connection comes back when its response has been read, which can be a moment before its
+    /// task is ready for the next request: without a ready one, the newest busy one gets
+    /// `BUSY_GRACE` to become ready, and is closed if it does not (still sending a request body the
+    /// origin answered without reading: not worth keeping).
+    async fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+        let busy = {
+            let mut idle = self.lock();
+            Self::expire(&mut idle, Instant::now());
+            if let Some(ready) = idle.iter().rposition(|entry| entry.sender.is_ready()) {
+                return Some(idle.remove(ready).sender);
+            }
+            idle.retain(|entry| !entry.sender.is_closed());
+            idle.pop()?
+        };
+        let mut sender = busy.sender;
+        let ready = Box::pin(tokio::time::timeout(BUSY_GRACE, sender.ready())).await;
+        ready.is_ok_and(|ready| ready.is_ok()).then_some(sender)
+    }
+
+    fn checkin(&self, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        Self::expire(&mut idle, now);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { sender, since: now });
+        }
+    }
+
+    /// Drops (closes) connections idle for longer than `IDLE_TIMEOUT`: a prefix of the stack.
+    fn expire(idle: &mut Vec<Idle>, now: Instant) {
+        let expired = |entry: &Idle| now.saturating_duration_since(entry.since) > IDLE_TIMEOUT;
+        if idle.first().is_some_and(expired) {
+            let fresh = idle.partition_point(expired);
+            idle.drain(..fresh);
+        }
+    }
+
+    /// Closes expired connections while no traffic comes to do it, until the pool is dropped.
+    fn sweep_in_background(pool: &Arc<IdlePool>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime (a configuration check): requests expire connections themselves
+        };
+        let pool = Arc::downgrade(pool);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                Self::expire(&mut pool.lock(), Instant::now());
+            }
+        });
     }
 }
 

@@ -283,6 +283,7 @@ struct OriginState {
     record: Mutex<Record>,
     total: AtomicUsize,
     req_body_bytes: AtomicUsize,
+    accepted: AtomicUsize,
     conns: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -305,6 +306,7 @@ impl MockOrigin {
             record: Mutex::new(Record::default()),
             total: AtomicUsize::new(0),
             req_body_bytes: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
         });
         let accept_state = state.clone();
@@ -315,6 +317,7 @@ impl MockOrigin {
                 };
                 // Without this, a streamed body's later writes wait on delayed ACKs (~40 ms each).
                 let _ = stream.set_nodelay(true);
+                accept_state.accepted.fetch_add(1, Ordering::SeqCst);
                 let conn_state = accept_state.clone();
                 let task = tokio::spawn(async move {
                     let svc_state = conn_state.clone();
@@ -421,6 +424,28 @@ impl MockOrigin {
             self.hits(path) >= n
         })
         .await;
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections still open now.
+    pub fn open_connections(&self) -> usize {
+        let conns = self.state.conns.lock().unwrap();
+        conns.iter().filter(|c| !c.is_finished()).count()
+    }
+
+    /// Closes every open connection (as an origin's keep-alive timeout does) and keeps listening.
+    pub async fn drop_connections(&self) {
+        let conns: Vec<JoinHandle<()>> = std::mem::take(&mut *self.state.conns.lock().unwrap());
+        for c in &conns {
+            c.abort();
+        }
+        for c in conns {
+            let _ = c.await;
+        }
     }
 
     /// Stops the origin: the listener is closed (new connections are refused) and every open

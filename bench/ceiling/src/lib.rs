@@ -47,6 +47,8 @@ where
             let Ok((stream, _peer)) = listener.accept().await else {
                 continue;
             };
+            // As Strata's accept loop does: responses leave at once, not after a delayed ACK.
+            let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             let service = service_fn(move |request: Request<Incoming>| {
                 let handler = handler.clone();
