@@ -385,8 +385,9 @@ impl Proxy {
         }
         // The leader's answer was not cacheable, it failed, or it took longer than CACHE_LOCK_TIMEOUT.
         let fwd = if stored.is_some() { Fwd::Stale } else { fwd };
-        self.forward(parts, ProxyBody::empty(), &target, stored, fwd)
-            .await
+        // Boxed: most followers never get here, and an inline forward() would make every
+        // coalesced request's future (moved on each poll set-up) several KB larger.
+        Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await
     }
 
     /// Runs the leader's fetch as a task of its own: a client that disconnects or resets its stream
