@@ -547,3 +547,69 @@ async fn a_half_read_origin_connection_is_closed_not_pooled() {
     assert_eq!(origin.connections(), 2);
     gate.notify_waiters();
 }
+
+/// `OPTIONS *` asks about the server, not a path: it reaches the origin in asterisk-form, also when
+/// ORIGIN_URL has a path prefix (which only applies to paths).
+#[tokio::test]
+async fn options_asterisk_reaches_the_origin_as_asterisk() {
+    let origin = MockOrigin::start(|_| Reply::status(204, "")).await;
+    let proxy = TestProxy::start(&format!("{}/app", origin.url()), &[]).await;
+
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within(
+        "the OPTIONS answer",
+        CLIENT_TIMEOUT,
+        client.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].0, http::Method::OPTIONS);
+    assert_eq!(requests[0].1.to_string(), "*");
+}
+
+/// An origin may close a long-idle kept-alive connection just as a request goes out on it. A GET
+/// without a body is idempotent and is sent once more on a new connection; a POST never is.
+/// (The wait is the condition under test: only connections idle for 1 s or more are replayed.)
+#[tokio::test]
+async fn a_get_is_replayed_when_a_long_idle_connection_fails_under_it() {
+    let origin = MockOrigin::start(|r| match r.hit {
+        2 => Reply::fail(), // closes the kept-alive connection without an answer
+        _ => Reply::ok("answer").cc("no-store"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    assert_eq!(get(&proxy.url("/get"), &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let r = get(&proxy.url("/get"), &[]).await;
+    assert_eq!(r.status, 200, "the failed GET is sent again");
+    assert_eq!(r.text(), "answer");
+    assert_eq!(origin.hits("/get"), 3);
+    assert_eq!(origin.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_post_is_never_replayed() {
+    let origin = MockOrigin::start(|r| match r.hit {
+        2 => Reply::fail(),
+        _ => Reply::ok("created"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let r = request("POST", &proxy.url("/post"), &[], Bytes::from("one")).await;
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let r = request("POST", &proxy.url("/post"), &[], Bytes::from("two")).await;
+    assert_eq!(r.status, 502, "a POST that went out is not sent twice");
+    assert_eq!(origin.hits("/post"), 2);
+}

@@ -34,6 +34,10 @@ const MAX_IDLE: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a request waits for a returned connection that is not ready yet (see `checkout`).
 const BUSY_GRACE: Duration = Duration::from_millis(50);
+/// A kept-alive connection idle this long may be closed by the origin just as a request goes out
+/// on it (origins' keep-alive timeouts are seconds: Node and Apache 5 s). A bodiless GET or HEAD
+/// sent on such a connection is kept so that it can be sent once more on a new connection.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Why the origin gave no response. Maps to 502 (unreachable, broken) or 504 (too slow).
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,9 @@ impl Origin {
             );
         }
         let pq = path_and_query.map_or("/", PathAndQuery::as_str);
+        if pq == "*" {
+            return Ok(Uri::from_static("*")); // `OPTIONS *` names the server, not a path
+        }
         Uri::try_from(format!("{}{}", self.prefix, pq)).map_err(Into::into)
     }
 
@@ -152,20 +159,39 @@ impl Origin {
         &self,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<OriginBody>, OriginError> {
+        let mut fresh_only = false;
         loop {
-            let (mut sender, reused) = match self.idle.checkout().await {
-                Some(sender) => (sender, true),
+            let pooled = if fresh_only {
+                None
+            } else {
+                self.idle.checkout().await
+            };
+            let (mut sender, reused, mut replay) = match pooled {
+                Some((sender, idle_for)) => {
+                    let replay = (idle_for >= REPLAY_AFTER_IDLE)
+                        .then(|| replayable_copy(&request))
+                        .flatten();
+                    (sender, true, replay)
+                }
                 // Boxed: the connector's future is large and rarely needed; inline, every
                 // request's future would carry (and move) its space.
-                None => (Box::pin(self.connect()).await?, false),
+                None => (Box::pin(self.connect()).await?, false, None),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.wrap(response, sender)),
-                Err(mut error) => match error.take_message() {
+                Err(mut error) => match (error.take_message(), replay.take()) {
                     // The origin closed a kept-alive connection before our request went out on it
                     // (its idle timeout met our reuse): nothing was sent, so another connection may
                     // carry it. A fresh connection failing this way is a real failure.
-                    Some(unsent) if reused => request = unsent,
+                    (Some(unsent), _) if reused => request = unsent,
+                    // It went out, and the long-idle connection failed under it: a GET or HEAD
+                    // without a body is idempotent (RFC 9110 §9.2.2), so it is sent once more, on
+                    // a new connection.
+                    (None, Some(copy)) => {
+                        tracing::debug!(error = %error.error(), "idle origin connection failed; sending again");
+                        request = copy;
+                        fresh_only = true;
+                    }
                     _ => return Err(OriginError::Failed(error_chain(&error.into_error()))),
                 },
             }
@@ -246,6 +272,9 @@ impl Body for OriginBody {
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            // Trailers end a chunked body, and readers stop there (hyper's server drops the body
+            // after them): by then hyper has finished reading the response.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.release(),
             Poll::Ready(Some(Err(_))) => this.connection = None,
             Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
         }
@@ -295,28 +324,39 @@ impl IdlePool {
     /// task is ready for the next request: without a ready one, the newest busy one gets
     /// `BUSY_GRACE` to become ready, and is closed if it does not (still sending a request body the
     /// origin answered without reading: not worth keeping).
-    async fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+    /// With the connection comes how long it sat idle.
+    async fn checkout(&self) -> Option<(SendRequest<ProxyBody>, Duration)> {
+        let now = Instant::now();
         let busy = {
             let mut idle = self.lock();
-            Self::expire(&mut idle, Instant::now());
+            Self::expire(&mut idle, now);
             if let Some(ready) = idle.iter().rposition(|entry| entry.sender.is_ready()) {
-                return Some(idle.remove(ready).sender);
+                let entry = idle.remove(ready);
+                return Some((entry.sender, now.saturating_duration_since(entry.since)));
             }
             idle.retain(|entry| !entry.sender.is_closed());
             idle.pop()?
         };
         let mut sender = busy.sender;
         let ready = Box::pin(tokio::time::timeout(BUSY_GRACE, sender.ready())).await;
-        ready.is_ok_and(|ready| ready.is_ok()).then_some(sender)
+        let idle_for = now.saturating_duration_since(busy.since);
+        ready
+            .is_ok_and(|ready| ready.is_ok())
+            .then_some((sender, idle_for))
     }
 
     fn checkin(&self, sender: SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.lock();
+        // Read under the lock, so that the stack stays sorted by `since`.
+        let now = Instant::now();
         Self::expire(&mut idle, now);
+        if idle.len() >= MAX_IDLE {
+            // Connections the origin closed (its keep-alive timeout) must not crowd out live ones.
+            idle.retain(|entry| !entry.sender.is_closed());
+        }
         if idle.len() < MAX_IDLE {
             idle.push(Idle { sender, since: now });
         }
@@ -343,10 +383,26 @@ impl IdlePool {
             loop {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
-                Self::expire(&mut pool.lock(), Instant::now());
+                let mut idle = pool.lock();
+                Self::expire(&mut idle, Instant::now());
+                idle.retain(|entry| !entry.sender.is_closed());
             }
         });
     }
+}
+
+/// A copy of a bodiless GET or HEAD, to send again if its connection fails under it.
+fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let idempotent = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+    if !idempotent || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(ProxyBody::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
