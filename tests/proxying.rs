@@ -437,11 +437,8 @@ async fn origin_connections_are_kept_alive_and_reused() {
     assert_eq!(stats.origin_connections, 1);
     assert_eq!(stats.origin_idle_connections, 1);
 
-    let burst: Vec<_> = (0..8)
-        .map(|_| tokio::spawn(get_owned(proxy.url("/pass"))))
-        .collect();
-    for request in burst {
-        assert_eq!(request.await.unwrap().status, 200);
+    for (response, _) in concurrent_gets(&proxy.url("/pass"), 8).await {
+        assert_eq!(response.status, 200);
     }
     assert!(
         origin.connections() <= 8,
@@ -452,10 +449,6 @@ async fn origin_connections_are_kept_alive_and_reused() {
         proxy.stats().origin_connections as usize,
         origin.connections()
     );
-}
-
-async fn get_owned(url: String) -> Resp {
-    get(&url, &[]).await
 }
 
 /// An origin that answers `Connection: close` gets a new connection for every request, and a closed
@@ -555,19 +548,11 @@ async fn options_asterisk_reaches_the_origin_as_asterisk() {
     let origin = MockOrigin::start(|_| Reply::status(204, "")).await;
     let proxy = TestProxy::start(&format!("{}/app", origin.url()), &[]).await;
 
-    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-    client
-        .write_all(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    within(
-        "the OPTIONS answer",
-        CLIENT_TIMEOUT,
-        client.read_to_end(&mut answer),
+    let (answer, _closed) = raw_exchange(
+        proxy.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
+    .await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
     let requests = origin.requests();

@@ -319,12 +319,11 @@ impl IdlePool {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently used connection that can take a request now. Closed ones are dropped.
-    /// A connection comes back when its response has been read, which can be a moment before its
-    /// task is ready for the next request: without a ready one, the newest busy one gets
-    /// `BUSY_GRACE` to become ready, and is closed if it does not (still sending a request body the
-    /// origin answered without reading: not worth keeping).
-    /// With the connection comes how long it sat idle.
+    /// The most recently used connection that can take a request now, and how long it sat idle.
+    /// Closed ones are dropped. A connection comes back when its response has been read, which can
+    /// be a moment before its task is ready for the next request: without a ready one, the newest
+    /// busy one gets `BUSY_GRACE` to become ready, and is closed if it does not (still sending a
+    /// request body the origin answered without reading: not worth keeping).
     async fn checkout(&self) -> Option<(SendRequest<ProxyBody>, Duration)> {
         let now = Instant::now();
         let busy = {
