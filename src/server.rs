@@ -49,10 +49,7 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
                 let proxy = proxy.clone();
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
-                });
+                let service = service_fn(move |request: Request<Incoming>| proxy.answer(request, peer));
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {

@@ -14,8 +14,12 @@ mod manage;
 pub mod origin;
 pub mod respond;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use http::header;
@@ -28,6 +32,7 @@ use tokio::sync::oneshot;
 use crate::cache::key::{cache_key, request_host};
 use crate::cache::policy::revalidation_matches;
 use crate::cache::policy::{needs_full_evaluation, RequestDirectives};
+use crate::cache::tiered::L1Lookup;
 use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
 use crate::clock::Clock;
 use crate::coalesce::{Coalescer, FlightPermit, Join, Waited};
@@ -79,6 +84,88 @@ pub(crate) struct Target {
     pub(crate) host: String,
     pub(crate) key: String,
     pub(crate) peer: SocketAddr,
+}
+
+/// Who a request's access line names, taken before the request is consumed.
+struct Logged {
+    method: Method,
+    uri: Uri,
+    host: Option<http::HeaderValue>,
+}
+
+impl Logged {
+    fn of(method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Logged {
+        Logged {
+            method: method.clone(),
+            uri: uri.clone(),
+            host: headers.get(header::HOST).cloned(),
+        }
+    }
+}
+
+/// What `Proxy::plan` decided for a GET or HEAD.
+enum Plan {
+    /// Answered at once: from the cache, or refused.
+    Answer(Response<ProxyBody>),
+    /// To the origin for this request alone (see `forward`).
+    Forward {
+        stored: Option<Arc<Entry>>,
+        fwd: Fwd,
+    },
+    /// A miss or a stale entry to revalidate: one leader per key goes to the origin.
+    Coalesce {
+        stored: Option<Arc<Entry>>,
+        fwd: Fwd,
+    },
+    /// `only-if-cached`, nothing in L1: L2 is asked.
+    OnlyIfCached(RequestDirectives),
+}
+
+/// The future a request's service call returns: ready at once, or the boxed wait.
+pub enum Answer {
+    Ready(std::future::Ready<Result<Response<ProxyBody>, Infallible>>),
+    Later(Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>),
+}
+
+impl Answer {
+    fn ready(response: Response<ProxyBody>) -> Answer {
+        Answer::Ready(std::future::ready(Ok(response)))
+    }
+}
+
+impl Future for Answer {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Ready(ready) => Pin::new(ready).poll(cx),
+            Answer::Later(work) => work.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A waiting answer, counted and logged when it is ready (a named future rather than an
+    /// async block, which would store `work` twice).
+    struct Accounted<F> {
+        #[pin]
+        work: F,
+        proxy: Proxy,
+        started: Instant,
+        logged: Option<Logged>,
+    }
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for Accounted<F> {
+    type Output = Response<ProxyBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        let this = self.project();
+        let response = std::task::ready!(this.work.poll(cx));
+        this.proxy
+            .account(&response, *this.started, this.logged.take());
+        Poll::Ready(response)
+    }
 }
 
 impl Proxy {
@@ -155,28 +242,64 @@ impl Proxy {
     }
 
     /// Answers one client request. Never fails: every problem becomes an HTTP answer.
-    pub async fn handle(
-        &self,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    ///
+    /// What can be answered without waiting (a fresh hit, a refusal) is answered here, in the
+    /// call, and no request future is built at all; only what has to wait (the origin, Redis, a
+    /// coalesced fill) becomes a boxed future sized for that one path.
+    pub fn answer(&self, request: Request<Incoming>, peer: SocketAddr) -> Answer {
         let started = Instant::now();
-        // What the access line needs once the request is consumed, taken only when it is written.
-        let logged = tracing::enabled!(target: "strata::access", tracing::Level::INFO).then(|| {
-            (
-                request.method().clone(),
-                request.uri().clone(),
-                request.headers().get(header::HOST).cloned(),
-            )
-        });
-        let response = self.route(request, peer).await;
+        let logging = tracing::enabled!(target: "strata::access", tracing::Level::INFO);
+        let target = match Self::target_of(&request, peer) {
+            Ok(target) => target,
+            Err(reason) => {
+                let refusal = respond::text(StatusCode::BAD_REQUEST, reason, Detail::Bypass);
+                let logged =
+                    logging.then(|| Logged::of(request.method(), request.uri(), request.headers()));
+                self.account(&refusal, started, logged);
+                return Answer::ready(refusal);
+            }
+        };
+        if !is_plain_read(&request) {
+            let logged =
+                logging.then(|| Logged::of(request.method(), request.uri(), request.headers()));
+            let proxy = self.clone();
+            return self.later(started, logged, async move {
+                proxy.route_other(request, target).await
+            });
+        }
+        let (parts, _empty_body) = request.into_parts();
+        let found = self.0.cache.lookup(&target.key, &parts.headers);
+        let plan = self.plan(&parts, &target, found);
+        let logged = logging.then(|| Logged::of(&parts.method, &parts.uri, &parts.headers));
+        let proxy = self.clone();
+        match plan {
+            Plan::Answer(response) => {
+                self.account(&response, started, logged);
+                Answer::ready(response)
+            }
+            Plan::Forward { stored, fwd } => self.later(started, logged, async move {
+                proxy
+                    .forward(parts, ProxyBody::empty(), &target, stored, fwd)
+                    .await
+            }),
+            Plan::Coalesce { stored, fwd } => self.later(started, logged, async move {
+                proxy.fetch_coalesced(parts, target, stored, fwd).await
+            }),
+            Plan::OnlyIfCached(directives) => self.later(started, logged, async move {
+                proxy.only_if_cached(&parts, &target, &directives).await
+            }),
+        }
+    }
+
+    /// Counts an answer and writes its access line.
+    fn account(&self, response: &Response<ProxyBody>, started: Instant, logged: Option<Logged>) {
         let elapsed = started.elapsed();
-        let status = cache_status_of(&response);
+        let status = cache_status_of(response);
         self.0.stats.count(status);
         if status == CacheStatus::HitL1 {
             self.0.stats.hit_latency.observe(elapsed);
         }
-        if let Some((method, uri, host)) = logged {
+        if let Some(Logged { method, uri, host }) = logged {
             let host = host
                 .as_ref()
                 .and_then(|h| h.to_str().ok())
@@ -191,33 +314,48 @@ impl Proxy {
                 duration: elapsed,
             });
         }
-        response
     }
 
-    async fn route(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// An answer that has to wait: `work`, boxed, then counted and logged like any other.
+    fn later(
+        &self,
+        started: Instant,
+        logged: Option<Logged>,
+        work: impl Future<Output = Response<ProxyBody>> + Send + 'static,
+    ) -> Answer {
+        Answer::Later(Box::pin(Accounted {
+            work,
+            proxy: self.clone(),
+            started,
+            logged,
+        }))
+    }
+
+    /// The request's host and cache key, or why it names no single valid host (a 400).
+    fn target_of(request: &Request<Incoming>, peer: SocketAddr) -> Result<Target, &'static str> {
         // Two Host fields let the key and the origin disagree about the host (cache poisoning).
         let mut hosts = request.headers().get_all(header::HOST).iter();
         if hosts.next().is_some() && hosts.next().is_some() {
-            return respond::text(
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: several Host fields\n",
-                Detail::Bypass,
-            );
+            return Err("400 Bad Request: several Host fields\n");
         }
         let Some(host) = request_host(request.uri(), request.headers()).map(str::to_owned) else {
-            return respond::text(
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: missing or invalid Host\n",
-                Detail::Bypass,
-            );
+            return Err("400 Bad Request: missing or invalid Host\n");
         };
-        let target = Target {
+        Ok(Target {
             key: cache_key(&host, request.uri()),
             host,
             peer,
-        };
+        })
+    }
+
+    /// Everything but a plain GET or HEAD: PURGE, WebSocket upgrades, CONNECT, other methods.
+    async fn route_other(
+        &self,
+        mut request: Request<Incoming>,
+        target: Target,
+    ) -> Response<ProxyBody> {
         if request.method().as_str() == "PURGE" {
-            return Box::pin(self.purge_method(&request, target)).await;
+            return self.purge_method(&request, target).await;
         }
         let websocket = if request.method() == Method::GET {
             headers::upgrade_requested(request.headers())
@@ -229,34 +367,53 @@ impl Proxy {
             return Box::pin(self.upgrade(request, target, protocol, on_client_upgrade)).await;
         }
         match *request.method() {
-            // A GET or HEAD with a body is not what its URL names: pass it through, body and all.
-            Method::GET | Method::HEAD if http_body::Body::is_end_stream(request.body()) => {
-                let (parts, _empty_body) = request.into_parts();
-                self.cached(parts, target).await
-            }
             // A reverse proxy is no tunnel: CONNECT would let clients reach arbitrary hosts.
             Method::CONNECT => respond::text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "405 Method Not Allowed: CONNECT\n",
                 Detail::Bypass,
             ),
-            _ => Box::pin(self.pass_unsafe(request, target)).await,
+            // Other methods, and a GET or HEAD with a body (not what its URL names): passed
+            // through, body and all.
+            _ => self.pass_unsafe(request, target).await,
         }
     }
 
     /// GET and HEAD: answer from the cache when RFC 9111 allows, else from the origin.
     async fn cached(&self, parts: Parts, target: Target) -> Response<ProxyBody> {
+        let found = self.0.cache.lookup(&target.key, &parts.headers);
+        match self.plan(&parts, &target, found) {
+            Plan::Answer(response) => response,
+            Plan::Forward { stored, fwd } => {
+                Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await
+            }
+            Plan::Coalesce { stored, fwd } => {
+                Box::pin(self.fetch_coalesced(parts, target, stored, fwd)).await
+            }
+            Plan::OnlyIfCached(directives) => {
+                Box::pin(self.only_if_cached(&parts, &target, &directives)).await
+            }
+        }
+    }
+
+    /// What RFC 9111 makes of a GET or HEAD and what L1 holds for it, decided without waiting.
+    fn plan(&self, parts: &Parts, target: &Target, found: L1Lookup) -> Plan {
         let inner = &self.0;
         let now = inner.clock.now();
         let head = parts.method == Method::HEAD;
-        let found = inner.cache.lookup(&target.key, &parts.headers);
         let stored = found.entry;
 
         // Fast path: no request directives or conditionals, a fresh entry.
         if !needs_full_evaluation(&parts.headers) {
             if let Some(entry) = &stored {
                 if entry.is_fresh(now) {
-                    return respond::from_entry(entry, &parts.headers, head, now, Detail::Hit);
+                    return Plan::Answer(respond::from_entry(
+                        entry,
+                        &parts.headers,
+                        head,
+                        now,
+                        Detail::Hit,
+                    ));
                 }
             }
         }
@@ -264,7 +421,13 @@ impl Proxy {
         let directives = RequestDirectives::parse(&parts.headers);
         if let Some(entry) = &stored {
             if !directives.no_cache && satisfies(entry, &directives, now) {
-                return respond::from_entry(entry, &parts.headers, head, now, Detail::Hit);
+                return Plan::Answer(respond::from_entry(
+                    entry,
+                    &parts.headers,
+                    head,
+                    now,
+                    Detail::Hit,
+                ));
             }
             let client_tolerates_stale =
                 directives.max_age.is_none() && directives.min_fresh.is_none();
@@ -273,40 +436,21 @@ impl Proxy {
                 && !entry.is_fresh(now)
                 && entry.may_serve_while_revalidating(now)
             {
-                self.refresh_in_background(&parts, &target, entry.clone());
-                return respond::from_entry(
+                self.refresh_in_background(parts, target, entry.clone());
+                return Plan::Answer(respond::from_entry(
                     entry,
                     &parts.headers,
                     head,
                     now,
                     Detail::StaleWhileRevalidate,
-                );
+                ));
             }
         }
         if directives.only_if_cached {
             if stored.is_none() {
-                if let Some(found) =
-                    Box::pin(inner.cache.lookup_l2(&target.key, &parts.headers)).await
-                {
-                    if satisfies(&found, &directives, now) {
-                        return respond::from_entry(
-                            &found,
-                            &parts.headers,
-                            head,
-                            now,
-                            Detail::HitL2,
-                        );
-                    }
-                }
+                return Plan::OnlyIfCached(directives);
             }
-            return respond::text(
-                StatusCode::GATEWAY_TIMEOUT,
-                "504 Gateway Timeout: not in cache (only-if-cached)\n",
-                Detail::Miss {
-                    stored: false,
-                    fwd: Fwd::UriMiss,
-                },
-            );
+            return Plan::Answer(not_in_cache());
         }
 
         let fwd = match (&stored, directives.no_cache) {
@@ -325,12 +469,29 @@ impl Proxy {
             || directives.no_store
             || (client_conditional && stored.is_none())
         {
-            return Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await;
+            return Plan::Forward { stored, fwd };
         }
         if stored.is_none() && found.pass_until.is_some_and(|until| now < until) {
-            return Box::pin(self.forward(parts, ProxyBody::empty(), &target, None, fwd)).await;
+            return Plan::Forward { stored: None, fwd };
         }
-        Box::pin(self.fetch_coalesced(parts, target, stored, fwd)).await
+        Plan::Coalesce { stored, fwd }
+    }
+
+    /// `only-if-cached` with nothing usable in L1: L2 may have it; else 504 (RFC 9111 §5.2.1.7).
+    async fn only_if_cached(
+        &self,
+        parts: &Parts,
+        target: &Target,
+        directives: &RequestDirectives,
+    ) -> Response<ProxyBody> {
+        if let Some(found) = self.0.cache.lookup_l2(&target.key, &parts.headers).await {
+            let now = self.0.clock.now();
+            if satisfies(&found, directives, now) {
+                let head = parts.method == Method::HEAD;
+                return respond::from_entry(&found, &parts.headers, head, now, Detail::HitL2);
+            }
+        }
+        not_in_cache()
     }
 
     /// A miss (or a stale entry that must be revalidated): one leader per key goes to the origin.
@@ -736,6 +897,29 @@ fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> 
 }
 
 /// The request is conditional or partial on its own account: its answer is the origin's to give.
+/// A GET or HEAD without a body that asks for no protocol switch: what the cache answers.
+fn is_plain_read(request: &Request<Incoming>) -> bool {
+    match *request.method() {
+        Method::HEAD => http_body::Body::is_end_stream(request.body()),
+        Method::GET => {
+            http_body::Body::is_end_stream(request.body())
+                && headers::upgrade_requested(request.headers()).is_none()
+        }
+        _ => false,
+    }
+}
+
+fn not_in_cache() -> Response<ProxyBody> {
+    respond::text(
+        StatusCode::GATEWAY_TIMEOUT,
+        "504 Gateway Timeout: not in cache (only-if-cached)\n",
+        Detail::Miss {
+            stored: false,
+            fwd: Fwd::UriMiss,
+        },
+    )
+}
+
 fn asks_for_itself(headers: &http::HeaderMap) -> bool {
     fill::CLIENT_ONLY
         .iter()
