@@ -86,7 +86,24 @@ pub(crate) struct Target {
     pub(crate) peer: SocketAddr,
 }
 
-/// Who a request's access line names, taken before the request is consumed.
+/// What a request's access line names.
+struct LogLine<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    host: Option<&'a http::HeaderValue>,
+}
+
+impl<'a> LogLine<'a> {
+    fn of(method: &'a Method, uri: &'a Uri, headers: &'a http::HeaderMap) -> LogLine<'a> {
+        LogLine {
+            method,
+            uri,
+            host: headers.get(header::HOST),
+        }
+    }
+}
+
+/// The same, owned: taken before a request that has to wait is consumed.
 struct Logged {
     method: Method,
     uri: Uri,
@@ -94,11 +111,19 @@ struct Logged {
 }
 
 impl Logged {
-    fn of(method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Logged {
+    fn of(line: &LogLine<'_>) -> Logged {
         Logged {
-            method: method.clone(),
-            uri: uri.clone(),
-            host: headers.get(header::HOST).cloned(),
+            method: line.method.clone(),
+            uri: line.uri.clone(),
+            host: line.host.cloned(),
+        }
+    }
+
+    fn line(&self) -> LogLine<'_> {
+        LogLine {
+            method: &self.method,
+            uri: &self.uri,
+            host: self.host.as_ref(),
         }
     }
 }
@@ -107,7 +132,13 @@ impl Logged {
 enum Plan {
     /// Answered at once: from the cache, or refused.
     Answer(Response<ProxyBody>),
-    /// To the origin for this request alone (see `forward`).
+    /// Answered after a wait.
+    Wait(Wait),
+}
+
+/// What a GET or HEAD that cannot be answered at once waits for.
+enum Wait {
+    /// The origin, for this request alone (see `forward`).
     Forward {
         stored: Option<Arc<Entry>>,
         fwd: Fwd,
@@ -162,8 +193,9 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Accounted<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
         let this = self.project();
         let response = std::task::ready!(this.work.poll(cx));
+        let logged = this.logged.take();
         this.proxy
-            .account(&response, *this.started, this.logged.take());
+            .account(&response, *this.started, logged.as_ref().map(Logged::line));
         Poll::Ready(response)
     }
 }
@@ -253,15 +285,20 @@ impl Proxy {
             Ok(target) => target,
             Err(reason) => {
                 let refusal = respond::text(StatusCode::BAD_REQUEST, reason, Detail::Bypass);
-                let logged =
-                    logging.then(|| Logged::of(request.method(), request.uri(), request.headers()));
-                self.account(&refusal, started, logged);
+                let line = logging
+                    .then(|| LogLine::of(request.method(), request.uri(), request.headers()));
+                self.account(&refusal, started, line);
                 return Answer::ready(refusal);
             }
         };
         if !is_plain_read(&request) {
-            let logged =
-                logging.then(|| Logged::of(request.method(), request.uri(), request.headers()));
+            let logged = logging.then(|| {
+                Logged::of(&LogLine::of(
+                    request.method(),
+                    request.uri(),
+                    request.headers(),
+                ))
+            });
             let proxy = self.clone();
             return self.later(started, logged, async move {
                 proxy.route_other(request, target).await
@@ -270,38 +307,41 @@ impl Proxy {
         let (parts, _empty_body) = request.into_parts();
         let found = self.0.cache.lookup(&target.key, &parts.headers);
         let plan = self.plan(&parts, &target, found);
-        let logged = logging.then(|| Logged::of(&parts.method, &parts.uri, &parts.headers));
-        let proxy = self.clone();
-        match plan {
+        let line = logging.then(|| LogLine::of(&parts.method, &parts.uri, &parts.headers));
+        let wait = match plan {
             Plan::Answer(response) => {
-                self.account(&response, started, logged);
-                Answer::ready(response)
+                self.account(&response, started, line);
+                return Answer::ready(response);
             }
-            Plan::Forward { stored, fwd } => self.later(started, logged, async move {
+            Plan::Wait(wait) => wait,
+        };
+        let logged = line.as_ref().map(Logged::of);
+        let proxy = self.clone();
+        match wait {
+            Wait::Forward { stored, fwd } => self.later(started, logged, async move {
                 proxy
                     .forward(parts, ProxyBody::empty(), &target, stored, fwd)
                     .await
             }),
-            Plan::Coalesce { stored, fwd } => self.later(started, logged, async move {
+            Wait::Coalesce { stored, fwd } => self.later(started, logged, async move {
                 proxy.fetch_coalesced(parts, target, stored, fwd).await
             }),
-            Plan::OnlyIfCached(directives) => self.later(started, logged, async move {
+            Wait::OnlyIfCached(directives) => self.later(started, logged, async move {
                 proxy.only_if_cached(&parts, &target, &directives).await
             }),
         }
     }
 
     /// Counts an answer and writes its access line.
-    fn account(&self, response: &Response<ProxyBody>, started: Instant, logged: Option<Logged>) {
+    fn account(&self, response: &Response<ProxyBody>, started: Instant, line: Option<LogLine<'_>>) {
         let elapsed = started.elapsed();
         let status = cache_status_of(response);
         self.0.stats.count(status);
         if status == CacheStatus::HitL1 {
             self.0.stats.hit_latency.observe(elapsed);
         }
-        if let Some(Logged { method, uri, host }) = logged {
+        if let Some(LogLine { method, uri, host }) = line {
             let host = host
-                .as_ref()
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| uri.authority().map(|a| a.as_str()))
                 .unwrap_or_default();
@@ -384,13 +424,13 @@ impl Proxy {
         let found = self.0.cache.lookup(&target.key, &parts.headers);
         match self.plan(&parts, &target, found) {
             Plan::Answer(response) => response,
-            Plan::Forward { stored, fwd } => {
+            Plan::Wait(Wait::Forward { stored, fwd }) => {
                 Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await
             }
-            Plan::Coalesce { stored, fwd } => {
+            Plan::Wait(Wait::Coalesce { stored, fwd }) => {
                 Box::pin(self.fetch_coalesced(parts, target, stored, fwd)).await
             }
-            Plan::OnlyIfCached(directives) => {
+            Plan::Wait(Wait::OnlyIfCached(directives)) => {
                 Box::pin(self.only_if_cached(&parts, &target, &directives)).await
             }
         }
@@ -448,7 +488,7 @@ impl Proxy {
         }
         if directives.only_if_cached {
             if stored.is_none() {
-                return Plan::OnlyIfCached(directives);
+                return Plan::Wait(Wait::OnlyIfCached(directives));
             }
             return Plan::Answer(not_in_cache());
         }
@@ -469,12 +509,12 @@ impl Proxy {
             || directives.no_store
             || (client_conditional && stored.is_none())
         {
-            return Plan::Forward { stored, fwd };
+            return Plan::Wait(Wait::Forward { stored, fwd });
         }
         if stored.is_none() && found.pass_until.is_some_and(|until| now < until) {
-            return Plan::Forward { stored: None, fwd };
+            return Plan::Wait(Wait::Forward { stored: None, fwd });
         }
-        Plan::Coalesce { stored, fwd }
+        Plan::Wait(Wait::Coalesce { stored, fwd })
     }
 
     /// `only-if-cached` with nothing usable in L1: L2 may have it; else 504 (RFC 9111 §5.2.1.7).
