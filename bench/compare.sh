@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Peer comparison: Strata against nginx proxy_cache, Varnish and a bare hyper server (the ceiling of
-# Strata's own stack), one after another on the same core, with the load generator on another core.
+# Strata's own stack), side by side on the same core and measured in turn (interleaved rounds), with
+# the load generator on another core.
 #
 #   bash bench/compare.sh                       # DURATION=10s CONNECTIONS=64
 #   DURATION=5s CONNECTIONS=128 bash bench/compare.sh
 #
 # Knobs (environment):
 #   DURATION      length of each measured wrk run (default 10s); each is preceded by a WARMUP run (1s)
-#   REPEAT        measured runs per cell, the best (most requests/s) is kept (default 1)
+#   REPEAT        measured rounds (default 1): in each, every server runs once, in turn; each server
+#                 keeps its best run (most requests/s)
 #   CONNECTIONS   wrk connections (default 64); redis-benchmark uses the same number of clients
 #   STAMPEDE_N    concurrent requests for one fresh key in the stampede (default 1000)
 #   SERVER_CPU    core every server under test is pinned to (default 0)
@@ -15,7 +17,7 @@
 #                 SERVER_CPU, with redis-server on BACKEND_CPU
 #   BACKEND_CPU   core of the origin and of redis-server (default: LOAD_CPU, so SERVER_CPU holds
 #                 nothing but the server under test)
-#   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+7)
+#   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+8)
 #   SERVERS       which parts run (default "nginx varnish ceiling strata l2"; l2 = redis + Strata L2)
 #   STRATA_BUILD  0 skips `cargo build --release` and uses the existing target/release/strata
 #   MEMORY_MB     CACHE_SIZE_MB of the memory scenario (default 256; 0 skips it)
@@ -66,6 +68,7 @@ STRATA_PORT=$((PORT_BASE + 4))
 STRATA_ADMIN_PORT=$((PORT_BASE + 5))
 VARNISH_ADMIN_PORT=$((PORT_BASE + 6))
 REDIS_PORT=$((PORT_BASE + 7))
+NGINX_NOLOCK_PORT=$((PORT_BASE + 8))
 ORIGIN="127.0.0.1:$ORIGIN_PORT"
 
 DEPS=$ROOT/target/bench-deps
@@ -232,7 +235,7 @@ log "building origin + ceiling (bench/ceiling)"
 # ---------------------------------------------------------------------------------------------------
 rm -rf "$RUN"
 mkdir -p "$RUN"
-for p in $ORIGIN_PORT $NGINX_PORT $VARNISH_PORT $CEILING_PORT $STRATA_PORT $STRATA_ADMIN_PORT $VARNISH_ADMIN_PORT $REDIS_PORT; do
+for p in $ORIGIN_PORT $NGINX_PORT $VARNISH_PORT $CEILING_PORT $STRATA_PORT $STRATA_ADMIN_PORT $VARNISH_ADMIN_PORT $REDIS_PORT $NGINX_NOLOCK_PORT; do
     port_free "$p" || die "127.0.0.1:$p is in use; set PORT_BASE"
 done
 
@@ -265,43 +268,62 @@ tree_cpu() { # user+system ticks of SERVER_PID and its children (nginx workers, 
     echo "$total"
 }
 
-# bench SCENARIO SERVER URL [CONNS]: warm-up run, then the measured run; fills RPS/P50/P99/NOTE.
-bench() {
-    local scenario=$1 server=$2 url=$3 conns=${4:-$CONNECTIONS} out before after
-    out="$RUN/wrk-$scenario-$server.txt"
-    taskset -c "$LOAD_CPU" timeout 60 "$WRK" -t1 -c"$conns" -d"$WARMUP" "$url" >/dev/null 2>&1 || true
-    before=$(origin_count "/${url#http://*/}")
-    # REPEAT > 1: keep the run with the most requests/s (noise on a shared machine only slows down).
-    local r rps best=-1
-    BEST_FOREIGN=0
-    for ((r = 1; r <= REPEAT; r++)); do
-        local busy0 tree0 t0
-        busy0=$(core_busy); tree0=$(tree_cpu); t0=$(date +%s%N)
-        if ! taskset -c "$LOAD_CPU" timeout $((SECS + 60)) "$WRK" -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency "$url" >"$out.$r" 2>&1; then
-            log "wrk failed for $server $scenario: $(tail -n 3 "$out.$r")"
-            continue
-        fi
-        rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out.$r")
-        # foreign = busy ticks of the core not spent by the server, as % of the run's wall time
-        FOREIGN=$(awk -v b="$(($(core_busy) - busy0))" -v t="$(($(tree_cpu) - tree0))" -v ns="$(($(date +%s%N) - t0))" \
-            -v hz="$(getconf CLK_TCK)" 'BEGIN {f = (b - t) / hz / (ns / 1e9) * 100; printf "%.0f", f < 0 ? 0 : f}')
-        if ((${rps:-0} > best)); then best=${rps:-0}; cp "$out.$r" "$out"; BEST_FOREIGN=$FOREIGN; fi
+# rounds SCENARIO CONNS SERVER=URL...: a warm-up run for each server, then REPEAT rounds in which each
+# server has one measured run in turn. Interleaved, a noisy minute of this shared machine falls on
+# every server alike instead of on whichever ran then; each server keeps its best run (noise only
+# slows down). Fills RPS/P50/P99/NOTE.
+declare -A SERVER_PIDS
+rounds() {
+    local scenario=$1 conns=$2 spec server url r rps before after busy0 tree0 t0 foreign note out
+    shift 2
+    local -A best origin_hits best_foreign
+    for spec in "$@"; do
+        server=${spec%%=*} url=${spec#*=}
+        taskset -c "$LOAD_CPU" timeout 60 "$WRK" -t1 -c"$conns" -d"$WARMUP" "$url" >/dev/null 2>&1 || true
+        best[$server]=-1 origin_hits[$server]=0 best_foreign[$server]=0
     done
-    ((best >= 0)) || return 0
-    after=$(origin_count "/${url#http://*/}")
-    RPS[$scenario,$server]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
-    P50[$scenario,$server]=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
-    P99[$scenario,$server]=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
-    local note=""
-    note+=$(awk '/Non-2xx or 3xx responses:/ {printf "%s non-2xx; ", $NF}' "$out")
-    note+=$(awk '/Socket errors:/ {sub(/^ *Socket errors: */, ""); printf "socket errors %s; ", $0}' "$out")
-    if [[ $scenario == l1_* || $scenario == l2* ]] && [[ -n $before && -n $after ]] && ((after > before)); then
-        note+="$((after - before)) origin requests during the run; "
-    fi
-    ((BEST_FOREIGN >= 10)) && note+="other processes took ${BEST_FOREIGN}% of the server core; "
-    NOTE[$scenario,$server]=$note
-    log "$(printf '%-9s %-8s %9s req/s  p50 %8s ms  p99 %8s ms  %s' "$scenario" "$server" \
-        "${RPS[$scenario,$server]}" "${P50[$scenario,$server]}" "${P99[$scenario,$server]}" "$note")"
+    for ((r = 1; r <= REPEAT; r++)); do
+        for spec in "$@"; do
+            server=${spec%%=*} url=${spec#*=}
+            out="$RUN/wrk-$scenario-$server.txt"
+            SERVER_PID=${SERVER_PIDS[$server]:-}
+            before=$(origin_count "/${url#http://*/}")
+            busy0=$(core_busy); tree0=$(tree_cpu); t0=$(date +%s%N)
+            if ! taskset -c "$LOAD_CPU" timeout $((SECS + 60)) "$WRK" -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency "$url" >"$out.$r" 2>&1; then
+                log "wrk failed for $server $scenario: $(tail -n 3 "$out.$r")"
+                continue
+            fi
+            # foreign = busy ticks of the server core not spent by the server, as % of the run's wall time
+            foreign=$(awk -v b="$(($(core_busy) - busy0))" -v t="$(($(tree_cpu) - tree0))" -v ns="$(($(date +%s%N) - t0))" \
+                -v hz="$(getconf CLK_TCK)" 'BEGIN {f = (b - t) / hz / (ns / 1e9) * 100; printf "%.0f", f < 0 ? 0 : f}')
+            after=$(origin_count "/${url#http://*/}")
+            if [[ -n $before && -n $after ]]; then origin_hits[$server]=$((origin_hits[$server] + after - before)); fi
+            rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out.$r")
+            if ((${rps:-0} > best[$server])); then
+                best[$server]=${rps:-0}
+                cp "$out.$r" "$out"
+                best_foreign[$server]=$foreign
+            fi
+        done
+    done
+    for spec in "$@"; do
+        server=${spec%%=*}
+        ((best[$server] >= 0)) || continue
+        out="$RUN/wrk-$scenario-$server.txt"
+        RPS[$scenario,$server]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
+        P50[$scenario,$server]=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+        P99[$scenario,$server]=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+        note=""
+        note+=$(awk '/Non-2xx or 3xx responses:/ {printf "%s non-2xx; ", $NF}' "$out")
+        note+=$(awk '/Socket errors:/ {sub(/^ *Socket errors: */, ""); printf "socket errors %s; ", $0}' "$out")
+        if [[ $scenario == l1_* || $scenario == l2* ]] && ((origin_hits[$server] > 0)); then
+            note+="${origin_hits[$server]} origin requests during the runs; "
+        fi
+        ((best_foreign[$server] >= 10)) && note+="other processes took ${best_foreign[$server]}% of the server core; "
+        NOTE[$scenario,$server]=$note
+        log "$(printf '%-9s %-12s %9s req/s  p50 %8s ms  p99 %8s ms  %s' "$scenario" "$server" \
+            "${RPS[$scenario,$server]}" "${P50[$scenario,$server]}" "${P99[$scenario,$server]}" "$note")"
+    done
 }
 
 # stampede SERVER PORT: STAMPEDE_N concurrent requests for one fresh key; count origin requests.
@@ -321,76 +343,76 @@ warm() { # warm URL...: fetch each twice so it is cached
     for url in "$@"; do curl -s -o /dev/null --max-time 5 "$url"; curl -s -o /dev/null --max-time 5 "$url"; done
 }
 
-cache_scenarios() { # cache_scenarios SERVER PORT: L1 hits, pass-through, stampede
-    local server=$1 port=$2
+SKIPPED=()
+HIT_1K=() HIT_100K=() PASS=() STAMPEDE=()
+# serving NAME PORT [pass-only]: NAME (pid in STARTED) answers on PORT: warm it, enter it in the rounds.
+serving() {
+    local name=$1 port=$2 pass_only=${3:-}
+    SERVER_PIDS[$name]=$STARTED
+    PASS+=("$name=http://127.0.0.1:$port/pass")
+    [[ -n $pass_only ]] && return 0
     warm "http://127.0.0.1:$port/1k" "http://127.0.0.1:$port/100k"
-    bench l1_1k "$server" "http://127.0.0.1:$port/1k"
-    bench l1_100k "$server" "http://127.0.0.1:$port/100k"
-    bench pass "$server" "http://127.0.0.1:$port/pass"
-    stampede "$server" "$port"
+    HIT_1K+=("$name=http://127.0.0.1:$port/1k")
+    HIT_100K+=("$name=http://127.0.0.1:$port/100k")
+    STAMPEDE+=("$name=$port")
 }
 
-SKIPPED=()
-
+# All servers run side by side, each pinned to SERVER_CPU; an idle one costs the measured one nothing.
 # --- origin ----------------------------------------------------------------------------------------
 start_on "$BACKEND_CPU" "$RUN/origin.log" "$HELPERS/strata-origin" "$ORIGIN"
 ORIGIN_PID=$STARTED
 wait_http "http://$ORIGIN/1k" "$ORIGIN_PID" "$RUN/origin.log" || die "origin did not start"
-bench pass origin "http://$ORIGIN/pass"
+PASS+=("origin=http://$ORIGIN/pass")
 
 # --- nginx -----------------------------------------------------------------------------------------
+# proxy_cache_lock also serialises requests for an uncacheable URL (the waiters poll every 500 ms),
+# so a second nginx with the lock off is measured for pass-through and the better result is compared.
 if ! want nginx; then
     :
 elif [[ -n $NGINX ]]; then
-    mkdir -p "$RUN/nginx/logs" "$RUN/nginx/cache" "$RUN/nginx/tmp"
-    cat >"$RUN/nginx/nginx.conf.in" <<EOF
+    for variant in nginx nginx-nolock; do
+        dir="$RUN/$variant" port=$NGINX_PORT lock=on
+        [[ $variant == nginx-nolock ]] && port=$NGINX_NOLOCK_PORT lock=off
+        mkdir -p "$dir/logs" "$dir/cache" "$dir/tmp"
+        cat >"$dir/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
-pid $RUN/nginx/nginx.pid;
-error_log $RUN/nginx/logs/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
 events { worker_connections 8192; }
 http {
     access_log off;
     sendfile on;
     keepalive_requests 10000000;
-    client_body_temp_path $RUN/nginx/tmp/body;
-    proxy_temp_path $RUN/nginx/tmp/proxy;
-    fastcgi_temp_path $RUN/nginx/tmp/fastcgi;
-    uwsgi_temp_path $RUN/nginx/tmp/uwsgi;
-    scgi_temp_path $RUN/nginx/tmp/scgi;
-    proxy_cache_path $RUN/nginx/cache levels=1:2 keys_zone=bench:16m max_size=1g inactive=1h use_temp_path=off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    proxy_cache_path $dir/cache levels=1:2 keys_zone=bench:16m max_size=1g inactive=1h use_temp_path=off;
     upstream origin { server $ORIGIN; keepalive 64; }
     server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        listen 127.0.0.1:$port backlog=4096;
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_cache bench;
-            proxy_cache_lock __LOCK__;
+            proxy_cache_lock $lock;
             add_header X-Cache-Status \$upstream_cache_status;
         }
     }
 }
 EOF
-    sed 's/__LOCK__/on/' "$RUN/nginx/nginx.conf.in" >"$RUN/nginx/nginx.conf"
-    sed 's/__LOCK__/off/' "$RUN/nginx/nginx.conf.in" >"$RUN/nginx/nginx-nolock.conf"
-    start_on "$SERVER_CPU" "$RUN/nginx/stderr.log" "$NGINX" -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/logs/error.log"
-    pid=$STARTED
-    if wait_http "http://127.0.0.1:$NGINX_PORT/1k" "$pid" "$RUN/nginx/logs/error.log"; then
-        cache_scenarios nginx "$NGINX_PORT"
-    else
-        SKIPPED+=("nginx: did not start (see target/bench-run/nginx/)")
-    fi
-    stop "$pid"
-    # proxy_cache_lock also serialises requests for an uncacheable URL (the waiters poll every 500 ms),
-    # so pass-through is measured a second time with the lock off and the better result is compared.
-    start_on "$SERVER_CPU" "$RUN/nginx/stderr-nolock.log" "$NGINX" -p "$RUN/nginx" -c "$RUN/nginx/nginx-nolock.conf" -e "$RUN/nginx/logs/error.log"
-    pid=$STARTED
-    if wait_http "http://127.0.0.1:$NGINX_PORT/1k" "$pid" "$RUN/nginx/logs/error.log"; then
-        bench pass nginx-nolock "http://127.0.0.1:$NGINX_PORT/pass"
-    fi
-    stop "$pid"
+        start_on "$SERVER_CPU" "$dir/stderr.log" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
+        if ! wait_http "http://127.0.0.1:$port/1k" "$STARTED" "$dir/logs/error.log"; then
+            SKIPPED+=("$variant: did not start (see target/bench-run/$variant/)")
+        elif [[ $variant == nginx ]]; then
+            serving nginx "$port"
+        else
+            serving nginx-nolock "$port" pass-only
+        fi
+    done
 else
     SKIPPED+=("nginx: not installed and could not be downloaded")
 fi
@@ -409,14 +431,11 @@ elif [[ -n $VARNISHD ]]; then
     fi
     [[ $(id -u) -eq 0 ]] || vargs+=(-j none)
     start_on "$SERVER_CPU" "$RUN/varnish.log" "$VARNISHD" "${vargs[@]}"
-    pid=$STARTED
-    if wait_http "http://127.0.0.1:$VARNISH_PORT/1k" "$pid" "$RUN/varnish.log"; then
-        cache_scenarios varnish "$VARNISH_PORT"
+    if wait_http "http://127.0.0.1:$VARNISH_PORT/1k" "$STARTED" "$RUN/varnish.log"; then
+        serving varnish "$VARNISH_PORT"
     else
         SKIPPED+=("varnish: varnishd did not start (see target/bench-run/varnish.log)")
     fi
-    stop "$pid"
-    [[ $VARNISH_DIR == /dev/shm/* ]] && rm -rf "$VARNISH_DIR"
 else
     SKIPPED+=("varnish: not installed and could not be downloaded")
 fi
@@ -424,26 +443,37 @@ fi
 # --- ceiling ---------------------------------------------------------------------------------------
 if want ceiling; then
     start_on "$SERVER_CPU" "$RUN/ceiling.log" "$HELPERS/strata-ceiling" "127.0.0.1:$CEILING_PORT"
-    pid=$STARTED
-    wait_http "http://127.0.0.1:$CEILING_PORT/1k" "$pid" "$RUN/ceiling.log" || die "ceiling did not start"
-    bench l1_1k ceiling "http://127.0.0.1:$CEILING_PORT/1k"
-    bench l1_100k ceiling "http://127.0.0.1:$CEILING_PORT/100k"
-    stop "$pid"
+    wait_http "http://127.0.0.1:$CEILING_PORT/1k" "$STARTED" "$RUN/ceiling.log" || die "ceiling did not start"
+    SERVER_PIDS[ceiling]=$STARTED
+    HIT_1K+=("ceiling=http://127.0.0.1:$CEILING_PORT/1k")
+    HIT_100K+=("ceiling=http://127.0.0.1:$CEILING_PORT/100k")
 fi
 
 # --- Strata (L1) -----------------------------------------------------------------------------------
 STRATA_ENV=(ORIGIN_URL="http://$ORIGIN" LISTEN_ADDR="127.0.0.1:$STRATA_PORT" ADMIN_ADDR="127.0.0.1:$STRATA_ADMIN_PORT")
+STRATA_PID=
 if want strata; then
     start_on "$SERVER_CPU" "$RUN/strata-l1.log" env "${STRATA_ENV[@]}" "$STRATA"
-    pid=$STARTED
-    wait_http "http://127.0.0.1:$STRATA_ADMIN_PORT/ready" "$pid" "$RUN/strata-l1.log" || die "strata did not start"
-    warm "http://127.0.0.1:$STRATA_PORT/1k" "http://127.0.0.1:$STRATA_PORT/100k"
+    STRATA_PID=$STARTED
+    wait_http "http://127.0.0.1:$STRATA_ADMIN_PORT/ready" "$STRATA_PID" "$RUN/strata-l1.log" || die "strata did not start"
+    serving strata "$STRATA_PORT"
     xc=$(curl -s -o /dev/null -D - "http://127.0.0.1:$STRATA_PORT/1k" | awk -F': ' 'tolower($1) == "x-cache" {print $2}' | tr -d '\r' || true)
     [[ $xc == HIT-L1 ]] || log "warning: strata answered /1k with X-Cache: $xc after warming (expected HIT-L1)"
-    cache_scenarios strata "$STRATA_PORT"
-    STRATA_RSS=$(awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status" 2>/dev/null || echo "?")
-    stop "$pid"
 fi
+
+# --- The rounds ------------------------------------------------------------------------------------
+if ((${#HIT_1K[@]} > 0)); then
+    rounds l1_1k "$CONNECTIONS" "${HIT_1K[@]}"
+    rounds l1_100k "$CONNECTIONS" "${HIT_100K[@]}"
+fi
+rounds pass "$CONNECTIONS" "${PASS[@]}"
+for spec in "${STAMPEDE[@]}"; do stampede "${spec%%=*}" "${spec#*=}"; done
+if [[ -n $STRATA_PID ]]; then
+    STRATA_RSS=$(awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$STRATA_PID/status" 2>/dev/null || echo "?")
+fi
+# The peers stop here: the memory and L2 scenarios run Strata alone.
+for pid in "${SERVER_PIDS[@]}"; do stop "$pid"; done
+if [[ $VARNISH_DIR == /dev/shm/* ]]; then rm -rf "$VARNISH_DIR"; fi
 
 # --- Memory: a full L1 of small objects, then of large ones ----------------------------------------
 declare -A MEM_HWM MEM_ENTRIES
@@ -499,8 +529,9 @@ elif [[ -n $REDIS_SERVER ]]; then
             sleep 0.1
         done
         [[ $xc == HIT-L2 ]] || log "warning: strata (L2) answers /1k with X-Cache: $xc (expected HIT-L2)"
-        bench l2 strata "http://127.0.0.1:$STRATA_PORT/1k"
-        bench l2_c1 strata "http://127.0.0.1:$STRATA_PORT/1k" 1
+        SERVER_PIDS[strata]=$pid
+        rounds l2 "$CONNECTIONS" "strata=http://127.0.0.1:$STRATA_PORT/1k"
+        rounds l2_c1 1 "strata=http://127.0.0.1:$STRATA_PORT/1k"
     else
         SKIPPED+=("strata L2: did not become ready (see target/bench-run/strata-l2.log)")
     fi
@@ -549,7 +580,7 @@ report() {
     echo "- Machine: $(nproc) cores ($cpu), Linux $kernel"
     echo "- Placement: servers on core $SERVER_CPU; wrk and the stampede client on core $LOAD_CPU; origin and redis-server on core $BACKEND_CPU"
     echo "- Load average (1 min) before the run: $LOAD_START. Notes flag runs where other processes took ≥ 10% of the server core."
-    echo "- Load: wrk -t1 -c$CONNECTIONS -d$DURATION --latency after a $WARMUP warm-up (best of $REPEAT); stampede: $STAMPEDE_N concurrent requests"
+    echo "- Load: wrk -t1 -c$CONNECTIONS -d$DURATION --latency after a $WARMUP warm-up, best of $REPEAT rounds in which the servers take turns; stampede: $STAMPEDE_N concurrent requests"
     echo "- Versions: $(versions)"
     echo
     echo "## Throughput and latency"
