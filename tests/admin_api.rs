@@ -256,6 +256,16 @@ async fn log_redact_keys_hides_paths_in_the_binary_logs() {
         logs.contains(SECRET),
         "LOG_REDACT_KEYS=false: the access log must show the path:\n{logs}"
     );
+    // One access line per answer, whether it waited for the origin or came straight from L1.
+    for x_cache in ["MISS", "HIT-L1"] {
+        let lines = logs
+            .lines()
+            .filter(|l| {
+                l.contains("strata::access") && l.contains(&format!("x_cache=\"{x_cache}\""))
+            })
+            .count();
+        assert_eq!(lines, 1, "one access line with X-Cache {x_cache}:\n{logs}");
+    }
     assert_eq!(origin.hits(&path), 3, "one MISS per run");
 }
 
