@@ -180,7 +180,7 @@ impl Proxy {
         lock: FleetLock,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
-        let policy_request = policy_request(&parts, &target.host);
+        let policy_request = policy_request(&parts, target.host());
         let mut upstream = copy_parts(&parts);
         for name in CLIENT_ONLY {
             upstream.headers.remove(name);

@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use super::body::ProxyBody;
 use super::respond::{self, Detail};
 use super::{cache_status_of, headers, Proxy, PurgeOutcome, Target};
-use crate::cache::key::cache_key;
 use crate::cache::l1::Slot;
 use crate::cache::Entry;
 use crate::invalidate::{Purge, Selector};
@@ -85,11 +84,7 @@ impl Proxy {
         let (mut parts, ()) = Request::new(()).into_parts();
         parts.method = Method::GET;
         parts.headers.insert(header::HOST, host_value);
-        let target = Target {
-            key: cache_key(host, &uri),
-            host: host.to_string(),
-            peer: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
+        let target = Target::new(host, &uri, SocketAddr::from(([127, 0, 0, 1], 0)));
         parts.uri = uri;
         let response = self.cached(parts, target).await;
         self.0.stats.count(cache_status_of(&response));

@@ -80,10 +80,37 @@ pub(crate) struct Inner {
 pub struct Proxy(pub(crate) Arc<Inner>);
 
 /// What a request is, once its host is known.
+#[derive(Clone)]
 pub(crate) struct Target {
-    pub(crate) host: String,
+    /// The cache key: the host lowercased, then path and query.
     pub(crate) key: String,
+    /// The host's length at the start of `key`.
+    host_len: usize,
+    /// The host as the client spelled it, kept only when that differs from its lowercase form
+    /// (the usual lowercase host is read from `key`, without a copy of its own).
+    spelled: Option<String>,
     pub(crate) peer: SocketAddr,
+}
+
+impl Target {
+    pub(crate) fn new(host: &str, uri: &Uri, peer: SocketAddr) -> Target {
+        let key = cache_key(host, uri);
+        let spelled = (key.get(..host.len()) != Some(host)).then(|| host.to_owned());
+        Target {
+            key,
+            host_len: host.len(),
+            spelled,
+            peer,
+        }
+    }
+
+    /// The request's host, as the client sent it.
+    pub(crate) fn host(&self) -> &str {
+        self.spelled
+            .as_deref()
+            .or_else(|| self.key.get(..self.host_len))
+            .unwrap_or_default()
+    }
 }
 
 /// What a request's access line names.
@@ -378,14 +405,10 @@ impl Proxy {
         if hosts.next().is_some() && hosts.next().is_some() {
             return Err("400 Bad Request: several Host fields\n");
         }
-        let Some(host) = request_host(request.uri(), request.headers()).map(str::to_owned) else {
+        let Some(host) = request_host(request.uri(), request.headers()) else {
             return Err("400 Bad Request: missing or invalid Host\n");
         };
-        Ok(Target {
-            key: cache_key(&host, request.uri()),
-            host,
-            peer,
-        })
+        Ok(Target::new(host, request.uri(), peer))
     }
 
     /// Everything but a plain GET or HEAD: PURGE, WebSocket upgrades, CONNECT, other methods.
@@ -702,7 +725,7 @@ impl Proxy {
                     .headers()
                     .get(&name)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| same_host_key(v, &target.host));
+                    .and_then(|v| same_host_key(v, target.host()));
                 if let Some(key) = related {
                     self.invalidate(&key);
                 }
@@ -744,7 +767,7 @@ impl Proxy {
             &mut upstream_headers,
             parts.version,
             target.peer.ip(),
-            &target.host,
+            target.host(),
         );
         upstream_headers.insert(
             header::CONNECTION,
@@ -824,7 +847,7 @@ impl Proxy {
             &mut parts.headers,
             parts.version,
             target.peer.ip(),
-            &target.host,
+            target.host(),
         );
         let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method;
@@ -854,7 +877,7 @@ impl Proxy {
 
     pub(crate) fn origin_error(&self, error: OriginError, target: &Target) -> Response<ProxyBody> {
         Stats::incr(&self.0.stats.origin_errors);
-        tracing::warn!(host = %target.host, %error, "origin failed");
+        tracing::warn!(host = %target.host(), %error, "origin failed");
         match error {
             OriginError::Timeout(_) => respond::text(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -887,11 +910,7 @@ impl Proxy {
         Stats::incr(&inner.stats.refreshes);
         let proxy = self.clone();
         let parts = refresh_request(parts);
-        let target = Target {
-            host: target.host.clone(),
-            key: target.key.clone(),
-            peer: target.peer,
-        };
+        let target = target.clone();
         // Detached from the client that triggered it; bounded by ORIGIN_TIMEOUT inside `lead`.
         tokio::spawn(async move {
             let response = proxy
@@ -1012,6 +1031,26 @@ fn same_host_key(location: &str, host: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_keeps_the_host_as_spelled() {
+        let uri = Uri::from_static("/a?b");
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let plain = Target::new("shop.test:8080", &uri, peer);
+        assert_eq!(
+            (plain.host(), plain.key.as_str()),
+            ("shop.test:8080", "shop.test:8080/a?b")
+        );
+        assert!(
+            plain.spelled.is_none(),
+            "a lowercase host is read from the key"
+        );
+        let mixed = Target::new("Shop.Test", &uri, peer);
+        assert_eq!(
+            (mixed.host(), mixed.key.as_str()),
+            ("Shop.Test", "shop.test/a?b")
+        );
+    }
 
     #[test]
     fn related_locations_stay_on_the_same_host() {

@@ -41,17 +41,6 @@ pub enum Fwd {
     Request,
 }
 
-impl Fwd {
-    fn as_str(self) -> &'static str {
-        match self {
-            Fwd::UriMiss => "uri-miss",
-            Fwd::VaryMiss => "vary-miss",
-            Fwd::Stale => "stale",
-            Fwd::Request => "request",
-        }
-    }
-}
-
 impl Detail {
     pub fn cache_status(self) -> CacheStatus {
         match self {
@@ -89,12 +78,18 @@ impl Detail {
             Detail::Revalidated { forced: true } => {
                 return HeaderValue::from_static("strata; fwd=request; fwd-status=304")
             }
+            // Every forwarded answer carries one of these: static, not formatted per request.
             Detail::Miss { stored, fwd } => {
-                format!(
-                    "strata; fwd={}{}",
-                    fwd.as_str(),
-                    if stored { "; stored" } else { "" }
-                )
+                return HeaderValue::from_static(match (fwd, stored) {
+                    (Fwd::UriMiss, false) => "strata; fwd=uri-miss",
+                    (Fwd::UriMiss, true) => "strata; fwd=uri-miss; stored",
+                    (Fwd::VaryMiss, false) => "strata; fwd=vary-miss",
+                    (Fwd::VaryMiss, true) => "strata; fwd=vary-miss; stored",
+                    (Fwd::Stale, false) => "strata; fwd=stale",
+                    (Fwd::Stale, true) => "strata; fwd=stale; stored",
+                    (Fwd::Request, false) => "strata; fwd=request",
+                    (Fwd::Request, true) => "strata; fwd=request; stored",
+                })
             }
         };
         HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("strata"))
@@ -152,7 +147,11 @@ pub fn from_entry(
         // The stored map has index room for the fields added below (see `Entry::new`).
         (entry.status, entry.headers.clone(), body)
     };
-    headers.insert(header::AGE, HeaderValue::from(entry.age(now)));
+    // One allocation for the value (`HeaderValue::from(u64)` makes two: a buffer, then its shrink).
+    let mut age = itoa::Buffer::new();
+    if let Ok(value) = HeaderValue::from_bytes(age.format(entry.age(now)).as_bytes()) {
+        headers.insert(header::AGE, value);
+    }
     headers.append(header::VIA, HeaderValue::from_static("1.1 strata"));
     let ttl = match detail {
         Detail::StaleWhileRevalidate | Detail::StaleIfError(_) => Some(entry.ttl_secs(now)),
@@ -177,4 +176,27 @@ pub fn text(status: StatusCode, message: &'static str, detail: Detail) -> Respon
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     mark(headers, detail, None);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_answers_name_why_and_whether_they_were_stored() {
+        let cases = [
+            (Fwd::UriMiss, "uri-miss"),
+            (Fwd::VaryMiss, "vary-miss"),
+            (Fwd::Stale, "stale"),
+            (Fwd::Request, "request"),
+        ];
+        for (fwd, name) in cases {
+            for stored in [false, true] {
+                let value = Detail::Miss { stored, fwd }.header_value(None);
+                let expected =
+                    format!("strata; fwd={name}{}", if stored { "; stored" } else { "" });
+                assert_eq!(value.to_str().ok(), Some(expected.as_str()));
+            }
+        }
+    }
 }
