@@ -272,7 +272,7 @@ tree_cpu() { # user+system ticks of SERVER_PID and its children (nginx workers, 
 # server has one measured run in turn. Interleaved, a noisy minute of this shared machine falls on
 # every server alike instead of on whichever ran then; each server keeps its best run (noise only
 # slows down). Fills RPS/P50/P99/NOTE.
-declare -A SERVER_PIDS
+declare -A SERVER_PIDS ROUND_RPS
 rounds() {
     local scenario=$1 conns=$2 spec server url r rps before after busy0 tree0 t0 foreign note out
     shift 2
@@ -299,6 +299,7 @@ rounds() {
             after=$(origin_count "/${url#http://*/}")
             if [[ -n $before && -n $after ]]; then origin_hits[$server]=$((origin_hits[$server] + after - before)); fi
             rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out.$r")
+            ROUND_RPS[$scenario,$server,$r]=${rps:-}
             if ((${rps:-0} > best[$server])); then
                 best[$server]=${rps:-0}
                 cp "$out.$r" "$out"
@@ -548,6 +549,16 @@ num() { [[ -n ${1:-} ]] && echo "$1" || echo "n/a"; }
 ratio() { # ratio A B: A/B to 2 decimals, or n/a
     if [[ -n ${1:-} && -n ${2:-} && ${2:-0} != 0 ]]; then awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; else echo "n/a"; fi
 }
+# round_ratios SCENARIO A B: A/B of each round (servers side by side in time), then their median.
+round_ratios() {
+    local r a b list=()
+    for ((r = 1; r <= REPEAT; r++)); do
+        a=${ROUND_RPS[$1,$2,$r]:-} b=${ROUND_RPS[$1,$3,$r]:-}
+        [[ -n $a && -n $b && $b != 0 ]] && list+=("$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.2f", a / b}')")
+    done
+    ((${#list[@]})) || { echo "n/a|n/a"; return; }
+    printf '%s|%s\n' "${list[*]}" "$(printf '%s\n' "${list[@]}" | sort -n | awk '{v[NR] = $1} END {printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}')"
+}
 fmt_ms() { [[ -n ${1:-} ]] && awk -v v="$1" 'BEGIN {printf "%.2f", v}' || echo "n/a"; }
 check() { # check VALUE OP LIMIT: met / MISSED / n/a
     [[ $1 == n/a || -z $3 ]] && { echo "n/a"; return; }
@@ -622,6 +633,20 @@ report() {
     echo
     echo "Strata/nginx for pass-through compares against the better of nginx with proxy_cache_lock on and off:"
     echo "with the lock on, concurrent requests for an uncacheable URL wait for the lock holder and poll every 500 ms."
+    echo
+    echo "The ratios above (and the verdicts below) put each server's best run against the other's. Round by"
+    echo "round, the two ran minutes apart at most; these are the ratios of each round and their median:"
+    echo
+    echo "| Ratio | Each round | Median |"
+    echo "|---|---|--:|"
+    local pair rr
+    for pair in "l1_1k strata ceiling 1 KiB L1 hit, Strata/ceiling" "l1_1k strata nginx 1 KiB L1 hit, Strata/nginx" \
+        "l1_100k strata ceiling 100 KiB L1 hit, Strata/ceiling" "pass strata origin pass-through, Strata/origin direct" \
+        "pass nginx-nolock origin pass-through, nginx (lock off)/origin direct"; do
+        read -r scenario a b label <<<"$pair"
+        rr=$(round_ratios "$scenario" "$a" "$b")
+        [[ ${rr%%|*} == n/a ]] || printf '| %s | %s | %s |\n' "$label" "${rr%%|*}" "${rr#*|}"
+    done
     echo
     echo "## Cold-key stampede ($STAMPEDE_N concurrent requests for one fresh key, origin answers in 100 ms)"
     echo
