@@ -347,10 +347,9 @@ pub fn forbids_storing(headers: &HeaderMap) -> bool {
         .any(|(name, _)| name == "no-store" || name == "private")
 }
 
-/// Request fields that take a request off the plain fresh-hit path.
-const FULL_EVALUATION_FIELDS: [header::HeaderName; 8] = [
-    header::CACHE_CONTROL,
-    header::PRAGMA,
+/// Request fields of a client's own conditional or partial request: they shape the answer to that
+/// client, never what a fill asks the origin for.
+pub const CONDITIONAL_REQUEST_FIELDS: [header::HeaderName; 6] = [
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_MATCH,
@@ -365,9 +364,11 @@ const FULL_EVALUATION_FIELDS: [header::HeaderName; 8] = [
 /// integers) instead of eight hashed lookups: this runs on every hit.
 #[inline]
 pub fn needs_full_evaluation(headers: &HeaderMap) -> bool {
-    headers
-        .keys()
-        .any(|name| FULL_EVALUATION_FIELDS.contains(name))
+    headers.keys().any(|name| {
+        name == header::CACHE_CONTROL
+            || name == header::PRAGMA
+            || CONDITIONAL_REQUEST_FIELDS.contains(name)
+    })
 }
 
 /// Weak comparison of entity tags (RFC 9110 §8.8.3.2): `W/"a"` matches `"a"`.
@@ -460,7 +461,8 @@ mod tests {
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         assert!(!needs_full_evaluation(&h));
-        for name in FULL_EVALUATION_FIELDS {
+        let fields = [header::CACHE_CONTROL, header::PRAGMA];
+        for name in fields.iter().chain(&CONDITIONAL_REQUEST_FIELDS) {
             let mut with = h.clone();
             with.insert(name.clone(), HeaderValue::from_static("x"));
             assert!(needs_full_evaluation(&with), "{name}");

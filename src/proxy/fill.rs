@@ -27,7 +27,7 @@ use crate::cache::entry::{detach_body, Admission};
 use crate::cache::l2::{Lock, LockToken, L2};
 use crate::cache::policy::{
     admit, forbids_storing, later, merge_not_modified, revalidation_matches, NotStorable,
-    CACHE_TAG, SURROGATE_KEY,
+    CACHE_TAG, CONDITIONAL_REQUEST_FIELDS, SURROGATE_KEY,
 };
 use crate::cache::{Entry, PurgeReason};
 use crate::coalesce::FlightPermit;
@@ -78,16 +78,6 @@ impl Drop for FleetLock {
 
 /// Chunks buffered between the fill task and a slow client before the origin read waits.
 const CLIENT_CHANNEL_CHUNKS: usize = 16;
-
-/// Request fields that belong to the client's own conditional or partial request, not to a fill.
-pub(super) const CLIENT_ONLY: [header::HeaderName; 6] = [
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_MATCH,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-    header::RANGE,
-];
 
 impl Proxy {
     /// The leader's work. With an L2: a fresh copy another instance stored answers at once
@@ -182,7 +172,7 @@ impl Proxy {
         let inner = &self.0;
         let policy_request = policy_request(&parts, target.host());
         let mut upstream = copy_parts(&parts);
-        for name in CLIENT_ONLY {
+        for name in CONDITIONAL_REQUEST_FIELDS {
             upstream.headers.remove(name);
         }
         let revalidating = stored

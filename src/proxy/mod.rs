@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::cache::key::{cache_key, request_host};
 use crate::cache::policy::revalidation_matches;
-use crate::cache::policy::{needs_full_evaluation, RequestDirectives};
+use crate::cache::policy::{needs_full_evaluation, RequestDirectives, CONDITIONAL_REQUEST_FIELDS};
 use crate::cache::tiered::L1Lookup;
 use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
 use crate::clock::Clock;
@@ -466,22 +466,13 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         let stored = found.entry;
 
-        // Fast path: no request directives or conditionals, a fresh entry.
-        if !needs_full_evaluation(&parts.headers) {
-            if let Some(entry) = &stored {
-                if entry.is_fresh(now) {
-                    return Plan::Answer(respond::from_entry(
-                        entry,
-                        &parts.headers,
-                        head,
-                        now,
-                        Detail::Hit,
-                    ));
-                }
-            }
-        }
-
-        let directives = RequestDirectives::parse(&parts.headers);
+        // Most requests carry no cache directives and no conditionals: nothing to parse, and
+        // `satisfies` comes down to "fresh".
+        let directives = if needs_full_evaluation(&parts.headers) {
+            RequestDirectives::parse(&parts.headers)
+        } else {
+            RequestDirectives::default()
+        };
         if let Some(entry) = &stored {
             if !directives.no_cache && satisfies(entry, &directives, now) {
                 return Plan::Answer(respond::from_entry(
@@ -980,7 +971,7 @@ fn not_in_cache() -> Response<ProxyBody> {
 }
 
 fn asks_for_itself(headers: &http::HeaderMap) -> bool {
-    fill::CLIENT_ONLY
+    CONDITIONAL_REQUEST_FIELDS
         .iter()
         .any(|name| headers.contains_key(name))
 }
