@@ -1,7 +1,9 @@
 //! The request path: decide from the cache, go to the origin when needed, answer the client.
 //!
-//! Flow for GET/HEAD: a request without its own cache headers takes the fast path (one L1 lookup, one
-//! instant compared). Otherwise the request's directives and conditionals are honoured. Misses are
+//! Flow for GET/HEAD: `Proxy::plan` decides without waiting; a fresh hit is answered inside the
+//! service call, with no request future at all (a request without cache headers costs one L1 lookup
+//! and one instant compared). Otherwise the request's directives and conditionals are honoured, and
+//! what has to wait becomes one boxed future for its path. Misses are
 //! coalesced per key ([`crate::coalesce`]); the leader streams the origin's answer to its client while
 //! a fill task keeps a copy for the cache (`fill`), after asking the Redis L2 and taking the
 //! fleet-wide lock. Other methods pass through and invalidate. What the admin API drives (purge,
