@@ -11,7 +11,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::origin::OriginBody;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
@@ -21,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::body::{BoxError, ChannelItem, IdleTimeout, ProxyBody};
+use super::origin::OriginBody;
 use super::respond::{self, Detail, Fwd};
 use super::{headers, is_origin_failure, Proxy, Target};
 use crate::cache::entry::{detach_body, Admission};

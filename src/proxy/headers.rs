@@ -70,14 +70,11 @@ pub fn to_origin(headers: &mut HeaderMap, version: Version, client_ip: IpAddr, h
     join_cookies(headers);
     headers.append(header::VIA, via_for(version));
     let client = client_ip.to_canonical();
-    let previous: Vec<&str> = match headers.get(&X_FORWARDED_FOR) {
-        None => Vec::new(), // the common case, without allocating
-        Some(_) => headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect(),
-    };
+    let previous: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect(); // empty, the common case, allocates nothing
     let forwarded_for = if previous.is_empty() {
         forwarded_for_value(&client)
     } else {
@@ -93,9 +90,13 @@ pub fn to_origin(headers: &mut HeaderMap, version: Version, client_ip: IpAddr, h
     // Usually the client's own `Host` is exactly the keyed host: its value is shared, not copied.
     let host_value = match headers.get(header::HOST) {
         Some(value) if value.as_bytes() == host.as_bytes() => Some(value.clone()),
-        _ => HeaderValue::from_str(host).ok().inspect(|value| {
-            headers.insert(header::HOST, value.clone());
-        }),
+        _ => {
+            let value = HeaderValue::from_str(host).ok();
+            if let Some(value) = &value {
+                headers.insert(header::HOST, value.clone());
+            }
+            value
+        }
     };
     if let Some(host_value) = host_value {
         headers.entry(X_FORWARDED_HOST).or_insert(host_value);

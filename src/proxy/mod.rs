@@ -948,7 +948,6 @@ fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> 
     }
 }
 
-/// The request is conditional or partial on its own account: its answer is the origin's to give.
 /// A GET or HEAD without a body that asks for no protocol switch: what the cache answers.
 fn is_plain_read(request: &Request<Incoming>) -> bool {
     match *request.method() {
@@ -961,6 +960,7 @@ fn is_plain_read(request: &Request<Incoming>) -> bool {
     }
 }
 
+/// The 504 of `only-if-cached` when no stored response may serve (RFC 9111 §5.2.1.7).
 fn not_in_cache() -> Response<ProxyBody> {
     respond::text(
         StatusCode::GATEWAY_TIMEOUT,
@@ -972,6 +972,7 @@ fn not_in_cache() -> Response<ProxyBody> {
     )
 }
 
+/// The request is conditional or partial on its own account: its answer is the origin's to give.
 fn asks_for_itself(headers: &http::HeaderMap) -> bool {
     CONDITIONAL_REQUEST_FIELDS
         .iter()
