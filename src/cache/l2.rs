@@ -45,9 +45,10 @@ const PURGE_DEADLINE: Duration = Duration::from_secs(10);
 /// let a tag purge miss live entries).
 const TAG_SET_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Deletes the lock only if we still own it: a lock that expired and was taken by another
-/// instance must not be released by us.
-const UNLOCK_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+/// Deletes KEYS[1] only while it still holds ARGV[1]: a lock that expired and was taken by another
+/// instance must not be released by us, and a corrupt entry's deletion must not take the good
+/// entry a refill wrote since it was read.
+const COMPARE_AND_DELETE_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 #[derive(Debug, Default)]
 pub struct L2Stats {
@@ -147,6 +148,11 @@ enum Write {
     },
     Delete {
         key: String,
+    },
+    /// Deletes the key only while it still holds `value`.
+    DeleteIfUnchanged {
+        key: String,
+        value: Bytes,
     },
 }
 
@@ -325,20 +331,24 @@ impl L2 {
         let reply: Option<Option<Bytes>> = self.call(store, client.get(redis_key.as_str())).await;
         self.stats.latency.observe(started.elapsed());
         let value = reply.flatten()?;
-        match decode_off_runtime(value, self.max_body).await {
+        match decode_off_runtime(value.clone(), self.max_body).await {
             Ok(slot) => Some(slot),
             Err(error) => {
-                self.corrupt(key, &error);
+                self.corrupt(key, value, &error);
                 None
             }
         }
     }
 
-    fn corrupt(&self, key: &str, error: &CodecError) {
+    /// Counts a corrupt value and queues its deletion. Only that value is deleted: the miss it
+    /// causes is refilled, and the lock holder publishes its fill at once (`put_now`), possibly
+    /// before this queued deletion runs.
+    fn corrupt(&self, key: &str, value: Bytes, error: &CodecError) {
         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%error, "corrupt L2 entry; treated as a miss and deleted");
-        self.enqueue(Write::Delete {
+        self.enqueue(Write::DeleteIfUnchanged {
             key: key.to_string(),
+            value,
         });
     }
 
@@ -430,6 +440,20 @@ impl L2 {
         let client = store.pool.next_connected().with_options(&self.options);
         let deleted: Option<i64> = self.call(store, client.del(self.entry_key(key))).await;
         deleted.is_some()
+    }
+
+    async fn delete_unchanged(&self, store: &Store, key: &str, value: Bytes) {
+        let client = store.pool.next_connected().with_options(&self.options);
+        let _: Option<i64> = self
+            .call(
+                store,
+                client.eval(
+                    COMPARE_AND_DELETE_SCRIPT,
+                    vec![self.entry_key(key)],
+                    vec![value],
+                ),
+            )
+            .await;
     }
 
     /// Applies a purge to every store (not only the active one: a failover list may hold copies in
@@ -610,7 +634,7 @@ impl L2 {
             .call(
                 store,
                 client.eval(
-                    UNLOCK_SCRIPT,
+                    COMPARE_AND_DELETE_SCRIPT,
                     vec![self.lock_key(&token.key)],
                     vec![token.owner],
                 ),
@@ -762,6 +786,9 @@ async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
                 }
                 Write::Delete { key } => {
                     l2.delete_from(store, key).await;
+                }
+                Write::DeleteIfUnchanged { key, value } => {
+                    l2.delete_unchanged(store, key, value.clone()).await;
                 }
             }
         }
