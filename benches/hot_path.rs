@@ -1,5 +1,6 @@
 //! Microbenchmarks of the hit path and the L2 codec: cache-key building, the fresh-hit decision,
-//! entry encode/decode with and without zstd, and L1 lookups from two threads.
+//! the answer built from a stored entry, entry encode/decode with and without zstd, and L1 lookups
+//! from two threads.
 //!
 //! `cargo bench --bench hot_path`. Absolute numbers depend on the machine; compare runs of one build
 //! against another on the same machine.
@@ -17,6 +18,7 @@ use strata::cache::entry::{Admission, Entry};
 use strata::cache::key::{cache_key, request_host};
 use strata::cache::l1::{Slot, L1};
 use strata::cache::policy::{needs_full_evaluation, Lifetime};
+use strata::proxy::respond::{from_entry, Detail};
 
 fn entry(body: Bytes) -> Arc<Entry> {
     let mut headers = HeaderMap::new();
@@ -68,6 +70,25 @@ fn fresh_hit_decision(c: &mut Criterion) {
         b.iter(|| {
             let now = SystemTime::now();
             black_box(!needs_full_evaluation(black_box(&plain)) && entry.is_fresh(now))
+        })
+    });
+}
+
+fn hit_answer(c: &mut Criterion) {
+    let entry = entry(Bytes::from_static(b"{}"));
+    let mut plain = HeaderMap::new();
+    plain.insert("host", HeaderValue::from_static("shop.example.com"));
+    plain.insert("accept", HeaderValue::from_static("*/*"));
+    let now = SystemTime::now();
+    c.bench_function("hit answer: response from a stored entry", |b| {
+        b.iter(|| {
+            black_box(from_entry(
+                black_box(&entry),
+                black_box(&plain),
+                false,
+                now,
+                Detail::Hit,
+            ))
         })
     });
 }
@@ -138,6 +159,7 @@ criterion_group!(
     benches,
     key_building,
     fresh_hit_decision,
+    hit_answer,
     codec_round_trips,
     l1_get_from_two_threads
 );
