@@ -21,6 +21,7 @@ pub const CACHE_STALE_IF_ERROR: &str = "CACHE_STALE_IF_ERROR";
 pub const CACHE_LOCK_TIMEOUT: &str = "CACHE_LOCK_TIMEOUT";
 pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
 pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
+pub const TUNNEL_IDLE_TIMEOUT: &str = "TUNNEL_IDLE_TIMEOUT";
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -72,6 +73,9 @@ pub struct RawArgs {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = SHUTDOWN_TIMEOUT, value_name = SHUTDOWN_TIMEOUT, default_value = "30s")]
     pub shutdown_timeout: String,
+    /// A WebSocket (upgraded) connection with no bytes either way for this long is closed.
+    #[arg(long, env = TUNNEL_IDLE_TIMEOUT, value_name = TUNNEL_IDLE_TIMEOUT, default_value = "300s")]
+    pub tunnel_idle_timeout: String,
     /// Log line format: text or json.
     #[arg(long, env = LOG_FORMAT, value_name = LOG_FORMAT, default_value = "text")]
     pub log_format: String,
@@ -129,6 +133,7 @@ pub struct Config {
     pub lock_timeout: Duration,
     pub origin_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
     pub log_format: LogFormat,
     /// `None`: no L2.
     pub redis: Option<RedisConfig>,
@@ -225,6 +230,7 @@ const FLAGS: &[(&str, &str)] = &[
     (CACHE_LOCK_TIMEOUT, "--cache-lock-timeout"),
     (ORIGIN_TIMEOUT, "--origin-timeout"),
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
+    (TUNNEL_IDLE_TIMEOUT, "--tunnel-idle-timeout"),
     (LOG_FORMAT, "--log-format"),
     (RUST_LOG, "--rust-log"),
     (ADMIN_TOKEN, "--admin-token"),
@@ -314,6 +320,10 @@ impl Config {
             lock_timeout: parse_duration(CACHE_LOCK_TIMEOUT, &raw.cache_lock_timeout)?,
             origin_timeout: parse_positive_duration(ORIGIN_TIMEOUT, &raw.origin_timeout)?,
             shutdown_timeout: parse_duration(SHUTDOWN_TIMEOUT, &raw.shutdown_timeout)?,
+            tunnel_idle_timeout: parse_positive_duration(
+                TUNNEL_IDLE_TIMEOUT,
+                &raw.tunnel_idle_timeout,
+            )?,
             log_format: match raw.log_format.to_ascii_lowercase().as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -584,6 +594,7 @@ mod tests {
         assert_eq!(c.max_object_bytes, 8 * 1024 * 1024);
         assert_eq!(c.lock_timeout, Duration::from_secs(5));
         assert_eq!(c.origin_timeout, Duration::from_secs(30));
+        assert_eq!(c.tunnel_idle_timeout, Duration::from_secs(300));
         assert_eq!(c.fallback_max_age, None);
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:9090");

@@ -148,7 +148,7 @@ fn durations_parse_in_operator_units() {
 
 #[test]
 fn from_vars_errors_name_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 5] = [
+    let cases: [(&[(&str, &str)], &str); 6] = [
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
             "CACHE_SIZE_MB",
@@ -162,6 +162,10 @@ fn from_vars_errors_name_the_variable() {
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_GRACE", "forever")],
             "CACHE_GRACE",
+        ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("TUNNEL_IDLE_TIMEOUT", "0s")],
+            "TUNNEL_IDLE_TIMEOUT",
         ),
     ];
     for (vars, name) in cases {

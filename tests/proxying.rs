@@ -223,23 +223,7 @@ async fn websocket_upgrade_passes_through() {
     let proxy = TestProxy::start(&origin.url(), &[]).await;
 
     within("websocket exchange", Duration::from_secs(10), async {
-        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-        stream
-            .write_all(
-                b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.unwrap();
-            assert!(n > 0, "connection closed in response head: {head:?}");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 101"), "response head: {head}");
+        let (mut stream, head) = open_websocket(&proxy).await;
         assert!(head.contains("upgrade: websocket"), "response head: {head}");
         assert!(head.contains("x-cache: bypass"), "response head: {head}");
 
@@ -262,6 +246,58 @@ async fn websocket_upgrade_passes_through() {
         conn.to_ascii_lowercase().contains("upgrade"),
         "origin Connection: {conn:?}"
     );
+}
+
+/// Opens a WebSocket through `proxy`: the client's end of the tunnel and the 101 head, lowercased.
+async fn open_websocket(proxy: &TestProxy) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert!(n > 0, "connection closed in response head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "response head: {head}");
+    (stream, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websocket_is_closed_after_tunnel_idle_timeout() {
+    let origin = MockOrigin::start(|_| Reply::upgrade_echo()).await;
+    let idle = Duration::from_millis(300);
+    let proxy = TestProxy::start(&origin.url(), &[("TUNNEL_IDLE_TIMEOUT", "300ms")]).await;
+
+    within("idle websocket closed", Duration::from_secs(10), async {
+        let (mut stream, _) = open_websocket(&proxy).await;
+        stream.write_all(b"only message").await.unwrap();
+        let mut echoed = [0u8; 12];
+        stream.read_exact(&mut echoed).await.unwrap();
+        let last_traffic = Instant::now();
+        // Strata saw the echo pass before this client did: the tunnel was quiet at least this long.
+        let mut rest = Vec::new();
+        let closed = stream.read_to_end(&mut rest).await;
+        assert!(
+            closed.is_ok()
+                || closed.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the idle tunnel should end"
+        );
+        assert!(rest.is_empty(), "unexpected bytes: {rest:?}");
+        assert!(
+            last_traffic.elapsed() >= idle,
+            "closed after {:?}, before TUNNEL_IDLE_TIMEOUT",
+            last_traffic.elapsed()
+        );
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ pub mod headers;
 mod manage;
 pub mod origin;
 pub mod respond;
+pub mod tunnel;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -790,15 +791,18 @@ impl Proxy {
             return self.pass_through(response, Detail::Bypass);
         }
         let on_origin_upgrade = hyper::upgrade::on(&mut response);
+        let idle = self.0.config.tunnel_idle_timeout;
         tokio::spawn(async move {
             match (on_client_upgrade.await, on_origin_upgrade.await) {
                 (Ok(client), Ok(origin)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut origin = TokioIo::new(origin);
-                    if let Err(error) =
-                        tokio::io::copy_bidirectional(&mut client, &mut origin).await
-                    {
-                        tracing::debug!(%error, "upgraded connection ended");
+                    let client = TokioIo::new(client);
+                    let origin = TokioIo::new(origin);
+                    match tunnel::splice(client, origin, idle).await {
+                        Ok(tunnel::Ended::Closed { .. }) => {}
+                        Ok(tunnel::Ended::Idle) => {
+                            tracing::debug!(?idle, "upgraded connection idle; closed");
+                        }
+                        Err(error) => tracing::debug!(%error, "upgraded connection ended"),
                     }
                 }
                 (client, origin) => {
