@@ -250,6 +250,88 @@ async fn vary_variants_are_stored_side_by_side() {
     assert_not_stored(&proxy, &origin, "/vary-star", &[]).await;
 }
 
+/// RFC 9111 §4.1: selecting fields match across whitespace, field-line splitting and normalizations
+/// that keep their meaning (case and order of `Accept-Encoding` codings); a different set of codings,
+/// or an absent field against an empty one, is another variant.
+#[tokio::test]
+async fn vary_matches_selecting_fields_as_normalized() {
+    let origin = MockOrigin::start(|r| {
+        let ae: Vec<&str> = r
+            .headers
+            .get_all("accept-encoding")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Reply::ok(format!("body-{}", ae.join("|")))
+            .cc("max-age=60")
+            .header("vary", "Accept-Encoding, Accept-Language")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/vary-normal");
+
+    let first = [
+        ("accept-encoding", "gzip, br"),
+        ("accept-language", "en-GB, fr;q=0.5"),
+    ];
+    let r = get(&url, &first).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "body-gzip, br"));
+    let same_meaning: [&[(&str, &str)]; 3] = [
+        &[
+            ("accept-encoding", "br,GZIP"),
+            ("accept-language", "en-gb,fr; q=0.5"),
+        ],
+        &[
+            ("accept-encoding", "gzip"),
+            ("accept-encoding", " br"),
+            ("accept-language", "en-GB, fr;q=0.5"),
+        ],
+        &[
+            ("accept-encoding", "gzip,,br"),
+            ("accept-language", "EN-gb , fr;q=0.5"),
+        ],
+    ];
+    for headers in same_meaning {
+        let r = get(&url, headers).await;
+        assert_eq!(
+            (r.x_cache(), r.text().as_str()),
+            ("HIT-L1", "body-gzip, br"),
+            "{headers:?}"
+        );
+    }
+    assert_eq!(origin.hits("/vary-normal"), 1);
+
+    let other_variants: [&[(&str, &str)]; 4] = [
+        // Another set of codings.
+        &[
+            ("accept-encoding", "gzip, br, zstd"),
+            ("accept-language", "en-GB, fr;q=0.5"),
+        ],
+        // Language order may be a preference: kept.
+        &[
+            ("accept-encoding", "gzip, br"),
+            ("accept-language", "fr;q=0.5, en-GB"),
+        ],
+        // No Accept-Encoding at all, then an empty one (identity only): two more variants.
+        &[("accept-language", "en-GB, fr;q=0.5")],
+        &[
+            ("accept-encoding", ""),
+            ("accept-language", "en-GB, fr;q=0.5"),
+        ],
+    ];
+    for (n, headers) in other_variants.into_iter().enumerate() {
+        let r = get(&url, headers).await;
+        assert_eq!(r.x_cache(), "MISS", "{headers:?}");
+        assert_eq!(origin.hits("/vary-normal"), n + 2);
+        let r = get(&url, headers).await;
+        assert_eq!(
+            r.x_cache(),
+            "HIT-L1",
+            "{headers:?} stored as its own variant"
+        );
+    }
+}
+
 #[tokio::test]
 async fn head_is_answered_from_a_stored_get() {
     let origin = MockOrigin::start(|_| Reply::ok(pattern(1234)).cc("max-age=60")).await;

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
+use super::key::selecting_value;
 use super::policy::Lifetime;
 
 /// What one heap allocation costs beyond its bytes (glibc's chunk header and rounding).
@@ -32,7 +33,8 @@ pub struct Entry {
     pub honours_max_stale: bool,
     pub etag: Option<HeaderValue>,
     pub last_modified: Option<SystemTime>,
-    /// For a response with `Vary`: each selecting header and the values the request had.
+    /// For a response with `Vary`: each selecting header and the request's value of it, normalized
+    /// by [`selecting_value`] (no value: the request had no such field).
     pub variant: Vec<(HeaderName, Vec<HeaderValue>)>,
     /// Surrogate keys (`Surrogate-Key`, `Cache-Tag`): what a tag purge matches.
     pub tags: Vec<String>,
@@ -202,11 +204,15 @@ impl Entry {
         }
     }
 
-    /// Whether this variant was stored for a request with the same selecting headers as `request`.
+    /// Whether this variant was stored for a request whose selecting fields match `request`'s
+    /// (compared as [`selecting_value`] normalizes them; a stored field with no value was absent).
     pub fn matches_variant(&self, request: &HeaderMap) -> bool {
-        self.variant.iter().all(|(name, values)| {
-            let presented = request.get_all(name);
-            presented.iter().eq(values.iter())
+        self.variant.iter().all(|(name, stored)| {
+            match (selecting_value(name, request), stored.as_slice()) {
+                (None, []) => true,
+                (Some(presented), [stored]) => presented == stored.as_bytes(),
+                _ => false,
+            }
         })
     }
 }

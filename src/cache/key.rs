@@ -31,7 +31,8 @@ pub fn cache_key(host: &str, uri: &Uri) -> String {
     key
 }
 
-/// The key of one variant of a URL whose responses carry `Vary: names`.
+/// The key of one variant of a URL whose responses carry `Vary: names`: the request's selecting
+/// values as [`selecting_value`] normalizes them, so requests that RFC 9111 says match share it.
 ///
 /// `nonce` belongs to the URL's vary record; a new record (after a purge or a change of `Vary`) gets
 /// a new nonce, so variants stored before it can never be found again, only evicted.
@@ -41,14 +42,61 @@ pub fn variant_key(primary: &str, nonce: u64, names: &[HeaderName], headers: &He
     let _ = write!(key, "\u{0}{nonce:x}");
     for name in names {
         key.push('\u{0}');
-        for (i, value) in headers.get_all(name).iter().enumerate() {
-            if i > 0 {
-                key.push(',');
-            }
-            key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        // An absent field and an empty one select differently (`Accept-Encoding:` asks for identity).
+        if let Some(value) = selecting_value(name, headers) {
+            key.push('=');
+            key.push_str(&String::from_utf8_lossy(&value));
         }
     }
     key
+}
+
+/// Selecting fields whose members are tokens with an optional weight (`gzip;q=0.8`): no quoted
+/// strings, no meaningful whitespace, case-insensitive (RFC 9110 §12.5.2–12.5.4).
+const TOKEN_LISTS: [HeaderName; 3] = [
+    http::header::ACCEPT_ENCODING,
+    http::header::ACCEPT_LANGUAGE,
+    http::header::ACCEPT_CHARSET,
+];
+
+/// A request's value of the selecting field `name` in the form `Vary` matching compares (RFC 9111
+/// §4.1: requests match when one's fields become the other's by adding or removing whitespace where
+/// the syntax allows it, combining field lines, or a normalization known to keep the meaning).
+/// `None` when the field is absent.
+///
+/// Every field: its lines combined with `, `, each trimmed. `Accept-Encoding`, `Accept-Language`
+/// and `Accept-Charset` further: members without whitespace or empty members, lowercased; and for
+/// `Accept-Encoding`, whose members' order carries no preference (weights do), sorted. Other
+/// fields keep their spelling: `Accept` may carry quoted strings, and unknown fields may be
+/// case-sensitive.
+pub fn selecting_value(name: &HeaderName, headers: &HeaderMap) -> Option<Vec<u8>> {
+    let mut lines = headers.get_all(name).iter().peekable();
+    lines.peek()?;
+    if !TOKEN_LISTS.contains(name) {
+        let mut value = Vec::new();
+        for (i, line) in lines.enumerate() {
+            if i > 0 {
+                value.extend_from_slice(b", ");
+            }
+            value.extend_from_slice(line.as_bytes().trim_ascii());
+        }
+        return Some(value);
+    }
+    let mut members: Vec<Vec<u8>> = lines
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(|member| {
+            member
+                .iter()
+                .filter(|b| !matches!(b, b' ' | b'\t'))
+                .map(u8::to_ascii_lowercase)
+                .collect::<Vec<u8>>()
+        })
+        .filter(|member| !member.is_empty())
+        .collect();
+    if name == http::header::ACCEPT_ENCODING {
+        members.sort_unstable();
+    }
+    Some(members.join(&b','))
 }
 
 #[cfg(test)]
@@ -99,5 +147,70 @@ mod tests {
             variant_key("k", 1, &names, &gzip),
             variant_key("k", 2, &names, &gzip)
         );
+    }
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, http::HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn selected(name: HeaderName, pairs: &[(&'static str, &'static str)]) -> Option<String> {
+        selecting_value(&name, &fields(pairs)).map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    #[test]
+    fn selecting_values_are_normalized_as_rfc_9111_allows() {
+        use http::header::{ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, USER_AGENT};
+        assert_eq!(selected(ACCEPT_ENCODING, &[]), None);
+        assert_eq!(
+            selected(ACCEPT_ENCODING, &[("accept-encoding", "")]),
+            Some(String::new())
+        );
+        // Codings: whitespace, empty members, case and order do not matter; weights stay.
+        assert_eq!(
+            selected(
+                ACCEPT_ENCODING,
+                &[
+                    ("accept-encoding", " br ,GZip; q=0.8,"),
+                    ("accept-encoding", "zstd")
+                ]
+            ),
+            Some("br,gzip;q=0.8,zstd".into())
+        );
+        // Languages: case and whitespace only; their order is kept.
+        assert_eq!(
+            selected(
+                ACCEPT_LANGUAGE,
+                &[("accept-language", "fr-CH, fr;q=0.9, EN;q=0.8")]
+            ),
+            Some("fr-ch,fr;q=0.9,en;q=0.8".into())
+        );
+        // Other fields: lines combined and trimmed, spelling kept (quoted strings, case).
+        assert_eq!(
+            selected(
+                ACCEPT,
+                &[("accept", "text/html; a=\"X, Y\" "), ("accept", " */*")]
+            ),
+            Some("text/html; a=\"X, Y\", */*".into())
+        );
+        assert_eq!(
+            selected(USER_AGENT, &[("user-agent", "Mozilla/5.0 (X11; Linux)")]),
+            Some("Mozilla/5.0 (X11; Linux)".into())
+        );
+    }
+
+    #[test]
+    fn variant_keys_follow_the_normalized_values() {
+        let names = [http::header::ACCEPT_ENCODING];
+        let key =
+            |pairs: &[(&'static str, &'static str)]| variant_key("k", 1, &names, &fields(pairs));
+        assert_eq!(
+            key(&[("accept-encoding", "gzip, br")]),
+            key(&[("accept-encoding", "BR"), ("accept-encoding", "gzip")])
+        );
+        assert_ne!(key(&[]), key(&[("accept-encoding", "")]));
     }
 }

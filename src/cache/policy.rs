@@ -11,7 +11,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Response, StatusCode};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
-use super::entry::{detach_value, Admission};
+use super::entry::Admission;
+use super::key::selecting_value;
 use crate::config::Config;
 
 /// Iterates the directives of every `Cache-Control` (or `Pragma`) value: `(name lowercased, value)`.
@@ -214,13 +215,10 @@ pub fn admit(
     let variant = vary_names(headers)?
         .into_iter()
         .map(|name| {
-            let values = request
-                .headers
-                .get_all(&name)
-                .iter()
-                .map(detach_value)
-                .collect();
-            (name, values)
+            // Normalizing a valid field value (whitespace, case, commas) keeps it valid.
+            let value = selecting_value(&name, &request.headers)
+                .and_then(|value| HeaderValue::from_bytes(&value).ok());
+            (name, value.into_iter().collect())
         })
         .collect();
     Ok(Admission {
