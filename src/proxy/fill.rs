@@ -148,13 +148,17 @@ impl Proxy {
         let deadline = Instant::now() + inner.config.lock_timeout;
         loop {
             tokio::time::sleep(FLEET_POLL).await;
+            // The lock first, L2 second: the holder writes its result before it unlocks, so a lock
+            // seen gone means the result (if any) is already readable. Looked at the other way
+            // round, a fill that finished between the two reads would look like one that failed.
+            let still_locked = l2.is_locked(&target.key).await == Some(true);
             if let Some(entry) = inner.cache.lookup_l2(&target.key, request_headers).await {
                 let newer = newer_than.is_none_or(|t| entry.response_time > t);
                 if newer && entry.is_fresh(inner.clock.now()) {
                     return Some(entry);
                 }
             }
-            if Instant::now() >= deadline || l2.is_locked(&target.key).await != Some(true) {
+            if !still_locked || Instant::now() >= deadline {
                 return None;
             }
         }
