@@ -332,6 +332,66 @@ async fn vary_matches_selecting_fields_as_normalized() {
     }
 }
 
+/// RFC 9110 §14: a stored 200 answers a single byte range with 206 (the bytes shared, not fetched
+/// again), a range past the end with 416, and everything it may ignore with the full 200.
+#[tokio::test]
+async fn byte_ranges_are_answered_from_a_stored_response() {
+    let body = pattern(1000);
+    let origin = {
+        let body = body.clone();
+        MockOrigin::start(move |_| {
+            Reply::ok(body.clone())
+                .cc("max-age=60")
+                .header("etag", "\"v1\"")
+        })
+        .await
+    };
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/ranged");
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+
+    for (range, first, last) in [
+        ("bytes=0-99", 0, 99),
+        ("bytes=-10", 990, 999),
+        ("bytes=900-", 900, 999),
+        ("bytes=995-5000", 995, 999),
+    ] {
+        let r = get(&url, &[("range", range)]).await;
+        assert_eq!(r.status, 206, "{range}");
+        assert_eq!(r.x_cache(), "HIT-L1", "{range}");
+        let expected_range = format!("bytes {first}-{last}/1000");
+        assert_eq!(r.header("content-range"), Some(expected_range.as_str()));
+        let expected_len = (last - first + 1).to_string();
+        assert_eq!(r.header("content-length"), Some(expected_len.as_str()));
+        assert!(r.body == body.slice(first..=last), "{range}: wrong bytes");
+    }
+
+    let r = get(&url, &[("range", "bytes=1000-")]).await;
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */1000"));
+    assert!(r.body.is_empty());
+
+    // If-Range with the stored strong tag: the part; with another tag: everything.
+    let r = get(&url, &[("range", "bytes=0-9"), ("if-range", "\"v1\"")]).await;
+    assert_eq!((r.status.as_u16(), r.body.len()), (206, 10));
+    let full: [&[(&str, &str)]; 3] = [
+        &[("range", "bytes=0-9"), ("if-range", "\"v0\"")],
+        &[("range", "bytes=0-1, 5-6")],
+        &[("range", "lines=1-2")],
+    ];
+    for headers in full {
+        let r = get(&url, headers).await;
+        assert_eq!(r.status, 200, "{headers:?}");
+        assert!(r.body == body, "{headers:?}: the whole body");
+        assert_eq!(r.header("content-range"), None);
+    }
+    // HEAD ignores Range.
+    let r = request("HEAD", &url, &[("range", "bytes=0-9")], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("1000"));
+    assert_eq!(origin.hits("/ranged"), 1);
+}
+
 #[tokio::test]
 async fn head_is_answered_from_a_stored_get() {
     let origin = MockOrigin::start(|_| Reply::ok(pattern(1234)).cc("max-age=60")).await;

@@ -407,6 +407,100 @@ pub fn not_modified(
     }
 }
 
+/// What a GET with `Range` gets from a stored `200` (RFC 9110 §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// The whole representation, `200`: no `Range`, a unit other than bytes, several ranges (which
+    /// a server may answer in full), a malformed range, or an `If-Range` that does not match.
+    Full,
+    /// `206` with the bytes `first..=last`.
+    Part { first: u64, last: u64 },
+    /// `416`: the range starts at or past the end of the representation.
+    Unsatisfiable,
+}
+
+/// Evaluates `Range` (and `If-Range`, RFC 9110 §13.1.5) against a stored representation of `len`
+/// bytes with validators `etag` and `last_modified`.
+pub fn byte_range(
+    request: &HeaderMap,
+    etag: Option<&HeaderValue>,
+    last_modified: Option<SystemTime>,
+    len: u64,
+) -> RangeAnswer {
+    let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeAnswer::Full;
+    };
+    if let Some(if_range) = request.get(header::IF_RANGE) {
+        if !if_range_holds(if_range, etag, last_modified) {
+            return RangeAnswer::Full;
+        }
+    }
+    let Some((unit, specs)) = range.trim().split_once('=') else {
+        return RangeAnswer::Full;
+    };
+    let mut specs = specs
+        .split(',')
+        .map(str::trim)
+        .filter(|spec| !spec.is_empty());
+    let (Some(spec), None) = (specs.next(), specs.next()) else {
+        return RangeAnswer::Full;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return RangeAnswer::Full;
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let position = |digits: &str| {
+        let digits = digits.trim();
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+    };
+    let (first, last) = match (first.trim().is_empty(), position(first), position(last)) {
+        // `-N`: the last N bytes (all of them when the representation is shorter).
+        (true, _, Some(suffix)) => {
+            if suffix == 0 || len == 0 {
+                return RangeAnswer::Unsatisfiable;
+            }
+            (len.saturating_sub(suffix), len - 1)
+        }
+        // `A-`: from A to the end.
+        (false, Some(first), None) if last.trim().is_empty() => (first, u64::MAX),
+        // `A-B`, B at or after A; a B past the end means the end.
+        (false, Some(first), Some(last)) if last >= first => (first, last),
+        _ => return RangeAnswer::Full,
+    };
+    if first >= len {
+        return RangeAnswer::Unsatisfiable;
+    }
+    RangeAnswer::Part {
+        first,
+        last: last.min(len - 1),
+    }
+}
+
+/// `If-Range` holds when its entity tag is strongly equal to the stored one, or its date is the
+/// stored `Last-Modified` exactly; a weak tag never does (RFC 9110 §13.1.5).
+fn if_range_holds(
+    if_range: &HeaderValue,
+    etag: Option<&HeaderValue>,
+    last_modified: Option<SystemTime>,
+) -> bool {
+    let Ok(condition) = if_range.to_str() else {
+        return false;
+    };
+    let condition = condition.trim();
+    if condition.starts_with('"') || condition.starts_with("W/") {
+        return !condition.starts_with("W/")
+            && etag.is_some_and(|etag| etag.as_bytes() == condition.as_bytes());
+    }
+    match (httpdate::parse_http_date(condition), last_modified) {
+        (Ok(date), Some(modified)) => date == modified,
+        _ => false,
+    }
+}
+
 /// Whether a 304 that answered our revalidation really describes the stored response: a validator
 /// it carries must agree with ours (RFC 9111 §4.3.4).
 pub fn revalidation_matches(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
@@ -473,6 +567,67 @@ mod tests {
             map.append(*k, HeaderValue::from_static(v));
         }
         map
+    }
+
+    #[test]
+    fn byte_ranges_of_a_stored_representation() {
+        use RangeAnswer::{Full, Part, Unsatisfiable};
+        let range = |value: &'static str, len: u64| {
+            byte_range(&headers(&[("range", value)]), None, None, len)
+        };
+        assert_eq!(byte_range(&HeaderMap::new(), None, None, 10), Full);
+        assert_eq!(range("bytes=0-3", 10), Part { first: 0, last: 3 });
+        assert_eq!(range("Bytes = 2-", 10), Part { first: 2, last: 9 });
+        assert_eq!(range("bytes=5-99", 10), Part { first: 5, last: 9 });
+        assert_eq!(range("bytes=-3", 10), Part { first: 7, last: 9 });
+        assert_eq!(range("bytes=-30", 10), Part { first: 0, last: 9 });
+        assert_eq!(range("bytes=9-9", 10), Part { first: 9, last: 9 });
+        // Starts at or past the end, an empty suffix, anything of an empty body: 416.
+        for unsatisfiable in ["bytes=10-", "bytes=10-20", "bytes=-0"] {
+            assert_eq!(range(unsatisfiable, 10), Unsatisfiable, "{unsatisfiable}");
+        }
+        assert_eq!(range("bytes=0-", 0), Unsatisfiable);
+        // Ignored (the full 200): malformed, other units, several ranges.
+        for ignored in [
+            "bytes=3-1",
+            "bytes=a-b",
+            "bytes=+1-2",
+            "bytes=1",
+            "bytes=-",
+            "bytes 0-1",
+            "items=0-1",
+            "bytes=0-1, 4-5",
+            "bytes=",
+        ] {
+            assert_eq!(range(ignored, 10), Full, "{ignored}");
+        }
+    }
+
+    #[test]
+    fn if_range_needs_a_strong_etag_or_the_exact_last_modified() {
+        let etag = HeaderValue::from_static("\"v1\"");
+        let weak = HeaderValue::from_static("W/\"v1\"");
+        let modified = httpdate::parse_http_date("Tue, 24 Nov 2026 10:00:00 GMT").ok();
+        let with = |if_range: &'static str, etag: Option<&HeaderValue>| {
+            byte_range(
+                &headers(&[("range", "bytes=0-0"), ("if-range", if_range)]),
+                etag,
+                modified,
+                10,
+            )
+        };
+        let part = RangeAnswer::Part { first: 0, last: 0 };
+        assert_eq!(with("\"v1\"", Some(&etag)), part);
+        assert_eq!(with("\"v2\"", Some(&etag)), RangeAnswer::Full);
+        assert_eq!(with("W/\"v1\"", Some(&etag)), RangeAnswer::Full);
+        assert_eq!(with("\"v1\"", Some(&weak)), RangeAnswer::Full);
+        assert_eq!(with("\"v1\"", None), RangeAnswer::Full);
+        assert_eq!(with("Tue, 24 Nov 2026 10:00:00 GMT", None), part);
+        assert_eq!(
+            with("Tue, 24 Nov 2026 10:00:01 GMT", None),
+            RangeAnswer::Full
+        );
+        assert_eq!(with("yesterday", None), RangeAnswer::Full);
     }
 
     #[test]

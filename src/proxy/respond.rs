@@ -1,5 +1,5 @@
-//! Building answers: from a stored entry (with `Age`, 304 for matching conditionals, no body for
-//! HEAD), from an origin response streamed through, and short text errors.
+//! Building answers: from a stored entry (with `Age`, 304 for matching conditionals, 206 or 416 for
+//! a byte range, no body for HEAD), from an origin response streamed through, and short text errors.
 
 use std::time::SystemTime;
 
@@ -8,7 +8,7 @@ use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::headers::{CACHE_STATUS, X_CACHE};
-use crate::cache::policy::not_modified;
+use crate::cache::policy::{byte_range, not_modified, RangeAnswer};
 use crate::cache::{CacheStatus, Entry};
 
 /// The RFC 9211 `Cache-Status` facts of one answer.
@@ -138,14 +138,40 @@ pub fn from_entry(
             }
         }
         (StatusCode::NOT_MODIFIED, headers, ProxyBody::empty())
+    } else if head {
+        (entry.status, entry.headers.clone(), ProxyBody::empty())
     } else {
-        let body = if head {
-            ProxyBody::empty()
+        let range = if request.contains_key(header::RANGE) && entry.status == StatusCode::OK {
+            byte_range(
+                request,
+                entry.etag.as_ref(),
+                entry.last_modified,
+                entry.body.len() as u64,
+            )
         } else {
-            ProxyBody::full(entry.body.clone())
+            RangeAnswer::Full
         };
-        // The stored map has index room for the fields added below (see `Entry::new`).
-        (entry.status, entry.headers.clone(), body)
+        match range {
+            // The stored map has index room for the fields added below (see `Entry::new`).
+            RangeAnswer::Full => (
+                entry.status,
+                entry.headers.clone(),
+                ProxyBody::full(entry.body.clone()),
+            ),
+            RangeAnswer::Part { first, last } => part(entry, first, last),
+            RangeAnswer::Unsatisfiable => {
+                let mut headers = HeaderMap::with_capacity(8);
+                if let Ok(value) = HeaderValue::try_from(format!("bytes */{}", entry.body.len())) {
+                    headers.insert(header::CONTENT_RANGE, value);
+                }
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    headers,
+                    ProxyBody::empty(),
+                )
+            }
+        }
     };
     // One allocation for the value (`HeaderValue::from(u64)` makes two: a buffer, then its shrink).
     let mut age = itoa::Buffer::new();
@@ -162,6 +188,27 @@ pub fn from_entry(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// `206 Partial Content`: bytes `first..=last` of the stored body, shared rather than copied.
+fn part(entry: &Entry, first: u64, last: u64) -> (StatusCode, HeaderMap, ProxyBody) {
+    let mut headers = entry.headers.clone();
+    let range = format!("bytes {first}-{last}/{}", entry.body.len());
+    if let Ok(value) = HeaderValue::try_from(range) {
+        headers.insert(header::CONTENT_RANGE, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+    // `byte_range` keeps both positions inside the body; `Bytes::slice` would panic otherwise.
+    let (first, last) = (
+        usize::try_from(first).unwrap_or(usize::MAX),
+        usize::try_from(last).unwrap_or(usize::MAX),
+    );
+    let body = if first <= last && last < entry.body.len() {
+        entry.body.slice(first..=last)
+    } else {
+        bytes::Bytes::new()
+    };
+    (StatusCode::PARTIAL_CONTENT, headers, ProxyBody::full(body))
 }
 
 /// A short plain-text answer (errors and refusals).
