@@ -1,5 +1,5 @@
 //! Microbenchmarks of the hit path and the L2 codec: cache-key building, the fresh-hit decision,
-//! the answer built from a stored entry, entry encode/decode with and without zstd, and L1 lookups
+//! the answer built from a stored entry, `Vary` variant selection, entry encode/decode with and without zstd, and L1 lookups
 //! from two threads.
 //!
 //! `cargo bench --bench hot_path`. Absolute numbers depend on the machine; compare runs of one build
@@ -15,12 +15,16 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use strata::cache::codec;
 use strata::cache::entry::{Admission, Entry};
-use strata::cache::key::{cache_key, request_host};
+use strata::cache::key::{cache_key, request_host, selecting_value, variant_key};
 use strata::cache::l1::{Slot, L1};
 use strata::cache::policy::{needs_full_evaluation, Lifetime};
 use strata::proxy::respond::{from_entry, Detail};
 
 fn entry(body: Bytes) -> Arc<Entry> {
+    entry_varying(body, Vec::new())
+}
+
+fn entry_varying(body: Bytes, variant: Vec<(http::HeaderName, Vec<HeaderValue>)>) -> Arc<Entry> {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert(
@@ -42,7 +46,7 @@ fn entry(body: Bytes) -> Arc<Entry> {
         },
         never_stale: false,
         honours_max_stale: true,
-        variant: Vec::new(),
+        variant,
         tags: vec!["product-42".into()],
     };
     Arc::new(Entry::new(StatusCode::OK, &headers, body, now, admission))
@@ -91,6 +95,32 @@ fn hit_answer(c: &mut Criterion) {
             ))
         })
     });
+}
+
+fn vary_selection(c: &mut Criterion) {
+    let mut request = HeaderMap::new();
+    request.insert("host", HeaderValue::from_static("shop.example.com"));
+    request.insert(
+        "accept-encoding",
+        HeaderValue::from_static("gzip, deflate, br, zstd"),
+    );
+    let names = [http::header::ACCEPT_ENCODING];
+    let stored = selecting_value(&names[0], &request)
+        .and_then(|value| HeaderValue::from_bytes(&value).ok())
+        .unwrap();
+    let entry = entry_varying(
+        Bytes::from_static(b"{}"),
+        vec![(names[0].clone(), vec![stored])],
+    );
+    c.bench_function(
+        "Vary hit: variant key + match (browser Accept-Encoding)",
+        |b| {
+            b.iter(|| {
+                let key = variant_key("shop.example.com/p/42", 7, &names, black_box(&request));
+                black_box((key, entry.matches_variant(black_box(&request))))
+            })
+        },
+    );
 }
 
 fn codec_round_trips(c: &mut Criterion) {
@@ -160,6 +190,7 @@ criterion_group!(
     key_building,
     fresh_hit_decision,
     hit_answer,
+    vary_selection,
     codec_round_trips,
     l1_get_from_two_threads
 );

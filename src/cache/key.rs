@@ -72,8 +72,14 @@ const TOKEN_LISTS: [HeaderName; 3] = [
 pub fn selecting_value(name: &HeaderName, headers: &HeaderMap) -> Option<Vec<u8>> {
     let mut lines = headers.get_all(name).iter().peekable();
     lines.peek()?;
+    let capacity = headers
+        .get_all(name)
+        .iter()
+        .map(|line| line.len() + 2)
+        .sum();
+    // One buffer for the result: this runs on every hit of a URL whose responses vary.
+    let mut value = Vec::with_capacity(capacity);
     if !TOKEN_LISTS.contains(name) {
-        let mut value = Vec::new();
         for (i, line) in lines.enumerate() {
             if i > 0 {
                 value.extend_from_slice(b", ");
@@ -82,21 +88,37 @@ pub fn selecting_value(name: &HeaderName, headers: &HeaderMap) -> Option<Vec<u8>
         }
         return Some(value);
     }
-    let mut members: Vec<Vec<u8>> = lines
-        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-        .map(|member| {
+    for member in lines.flat_map(|line| line.as_bytes().split(|&b| b == b',')) {
+        let before = value.len();
+        if before > 0 {
+            value.push(b',');
+        }
+        let start = value.len();
+        value.extend(
             member
                 .iter()
                 .filter(|b| !matches!(b, b' ' | b'\t'))
-                .map(u8::to_ascii_lowercase)
-                .collect::<Vec<u8>>()
-        })
-        .filter(|member| !member.is_empty())
-        .collect();
-    if name == http::header::ACCEPT_ENCODING {
-        members.sort_unstable();
+                .map(u8::to_ascii_lowercase),
+        );
+        if value.len() == start {
+            value.truncate(before);
+        }
     }
-    Some(members.join(&b','))
+    if name == http::header::ACCEPT_ENCODING {
+        value = sorted_members(value);
+    }
+    Some(value)
+}
+
+/// `list` (members joined by commas) with its members in byte order.
+fn sorted_members(list: Vec<u8>) -> Vec<u8> {
+    let mut members: Vec<&[u8]> = list.split(|&b| b == b',').collect();
+    if members.is_sorted() {
+        drop(members);
+        return list;
+    }
+    members.sort_unstable();
+    members.join(&b',')
 }
 
 #[cfg(test)]

@@ -419,19 +419,24 @@ pub enum RangeAnswer {
     Unsatisfiable,
 }
 
+/// A stored representation's validators, as `If-Range` compares them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Validators<'a> {
+    pub etag: Option<&'a HeaderValue>,
+    pub last_modified: Option<SystemTime>,
+    /// The stored response's `Date`: a `Last-Modified` at least a second older is a strong
+    /// validator (RFC 9110 §8.8.2.2).
+    pub date: Option<SystemTime>,
+}
+
 /// Evaluates `Range` (and `If-Range`, RFC 9110 §13.1.5) against a stored representation of `len`
-/// bytes with validators `etag` and `last_modified`.
-pub fn byte_range(
-    request: &HeaderMap,
-    etag: Option<&HeaderValue>,
-    last_modified: Option<SystemTime>,
-    len: u64,
-) -> RangeAnswer {
+/// bytes.
+pub fn byte_range(request: &HeaderMap, validators: Validators<'_>, len: u64) -> RangeAnswer {
     let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return RangeAnswer::Full;
     };
     if let Some(if_range) = request.get(header::IF_RANGE) {
-        if !if_range_holds(if_range, etag, last_modified) {
+        if !if_range_holds(if_range, validators) {
             return RangeAnswer::Full;
         }
     }
@@ -460,8 +465,12 @@ pub fn byte_range(
     let (first, last) = match (first.trim().is_empty(), position(first), position(last)) {
         // `-N`: the last N bytes (all of them when the representation is shorter).
         (true, _, Some(suffix)) => {
-            if suffix == 0 || len == 0 {
+            if suffix == 0 {
                 return RangeAnswer::Unsatisfiable;
+            }
+            // The one satisfiable range of an empty representation (§14.1.1): all of it, nothing.
+            if len == 0 {
+                return RangeAnswer::Full;
             }
             (len.saturating_sub(suffix), len - 1)
         }
@@ -481,22 +490,27 @@ pub fn byte_range(
 }
 
 /// `If-Range` holds when its entity tag is strongly equal to the stored one, or its date is the
-/// stored `Last-Modified` exactly; a weak tag never does (RFC 9110 §13.1.5).
-fn if_range_holds(
-    if_range: &HeaderValue,
-    etag: Option<&HeaderValue>,
-    last_modified: Option<SystemTime>,
-) -> bool {
+/// stored `Last-Modified` exactly and that is a strong validator; a weak tag never holds (RFC 9110
+/// §13.1.5): otherwise a resource changed twice within a second could be stitched from two versions.
+fn if_range_holds(if_range: &HeaderValue, validators: Validators<'_>) -> bool {
     let Ok(condition) = if_range.to_str() else {
         return false;
     };
     let condition = condition.trim();
     if condition.starts_with('"') || condition.starts_with("W/") {
         return !condition.starts_with("W/")
-            && etag.is_some_and(|etag| etag.as_bytes() == condition.as_bytes());
+            && validators
+                .etag
+                .is_some_and(|etag| etag.as_bytes() == condition.as_bytes());
     }
-    match (httpdate::parse_http_date(condition), last_modified) {
-        (Ok(date), Some(modified)) => date == modified,
+    match (
+        httpdate::parse_http_date(condition),
+        validators.last_modified,
+        validators.date,
+    ) {
+        (Ok(condition), Some(modified), Some(date)) => {
+            condition == modified && date >= modified + Duration::from_secs(1)
+        }
         _ => false,
     }
 }
@@ -573,9 +587,12 @@ mod tests {
     fn byte_ranges_of_a_stored_representation() {
         use RangeAnswer::{Full, Part, Unsatisfiable};
         let range = |value: &'static str, len: u64| {
-            byte_range(&headers(&[("range", value)]), None, None, len)
+            byte_range(&headers(&[("range", value)]), Validators::default(), len)
         };
-        assert_eq!(byte_range(&HeaderMap::new(), None, None, 10), Full);
+        assert_eq!(
+            byte_range(&HeaderMap::new(), Validators::default(), 10),
+            Full
+        );
         assert_eq!(range("bytes=0-3", 10), Part { first: 0, last: 3 });
         assert_eq!(range("Bytes = 2-", 10), Part { first: 2, last: 9 });
         assert_eq!(range("bytes=5-99", 10), Part { first: 5, last: 9 });
@@ -587,6 +604,8 @@ mod tests {
             assert_eq!(range(unsatisfiable, 10), Unsatisfiable, "{unsatisfiable}");
         }
         assert_eq!(range("bytes=0-", 0), Unsatisfiable);
+        // An empty representation satisfies a suffix range only as a whole.
+        assert_eq!(range("bytes=-5", 0), Full);
         // Ignored (the full 200): malformed, other units, several ranges.
         for ignored in [
             "bytes=3-1",
@@ -608,26 +627,39 @@ mod tests {
         let etag = HeaderValue::from_static("\"v1\"");
         let weak = HeaderValue::from_static("W/\"v1\"");
         let modified = httpdate::parse_http_date("Tue, 24 Nov 2026 10:00:00 GMT").ok();
-        let with = |if_range: &'static str, etag: Option<&HeaderValue>| {
+        let later = httpdate::parse_http_date("Tue, 24 Nov 2026 10:05:00 GMT").ok();
+        let with = |if_range: &'static str, validators: Validators<'_>| {
             byte_range(
                 &headers(&[("range", "bytes=0-0"), ("if-range", if_range)]),
-                etag,
-                modified,
+                validators,
                 10,
             )
         };
+        let tagged = |etag| Validators {
+            etag,
+            ..Validators::default()
+        };
         let part = RangeAnswer::Part { first: 0, last: 0 };
-        assert_eq!(with("\"v1\"", Some(&etag)), part);
-        assert_eq!(with("\"v2\"", Some(&etag)), RangeAnswer::Full);
-        assert_eq!(with("W/\"v1\"", Some(&etag)), RangeAnswer::Full);
-        assert_eq!(with("\"v1\"", Some(&weak)), RangeAnswer::Full);
-        assert_eq!(with("\"v1\"", None), RangeAnswer::Full);
-        assert_eq!(with("Tue, 24 Nov 2026 10:00:00 GMT", None), part);
+        assert_eq!(with("\"v1\"", tagged(Some(&etag))), part);
+        assert_eq!(with("\"v2\"", tagged(Some(&etag))), RangeAnswer::Full);
+        assert_eq!(with("W/\"v1\"", tagged(Some(&etag))), RangeAnswer::Full);
+        assert_eq!(with("\"v1\"", tagged(Some(&weak))), RangeAnswer::Full);
+        assert_eq!(with("\"v1\"", tagged(None)), RangeAnswer::Full);
+        let dated = |date| Validators {
+            etag: None,
+            last_modified: modified,
+            date,
+        };
+        let last_modified = "Tue, 24 Nov 2026 10:00:00 GMT";
+        assert_eq!(with(last_modified, dated(later)), part);
+        // Modified in the second the response was sent (or Date unknown): a weak validator.
+        assert_eq!(with(last_modified, dated(modified)), RangeAnswer::Full);
+        assert_eq!(with(last_modified, dated(None)), RangeAnswer::Full);
         assert_eq!(
-            with("Tue, 24 Nov 2026 10:00:01 GMT", None),
+            with("Tue, 24 Nov 2026 10:00:01 GMT", dated(later)),
             RangeAnswer::Full
         );
-        assert_eq!(with("yesterday", None), RangeAnswer::Full);
+        assert_eq!(with("yesterday", dated(later)), RangeAnswer::Full);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::headers::{CACHE_STATUS, X_CACHE};
-use crate::cache::policy::{byte_range, not_modified, RangeAnswer};
+use crate::cache::policy::{byte_range, not_modified, RangeAnswer, Validators};
 use crate::cache::{CacheStatus, Entry};
 
 /// The RFC 9211 `Cache-Status` facts of one answer.
@@ -142,12 +142,16 @@ pub fn from_entry(
         (entry.status, entry.headers.clone(), ProxyBody::empty())
     } else {
         let range = if request.contains_key(header::RANGE) && entry.status == StatusCode::OK {
-            byte_range(
-                request,
-                entry.etag.as_ref(),
-                entry.last_modified,
-                entry.body.len() as u64,
-            )
+            let validators = Validators {
+                etag: entry.etag.as_ref(),
+                last_modified: entry.last_modified,
+                date: entry
+                    .headers
+                    .get(header::DATE)
+                    .and_then(|date| date.to_str().ok())
+                    .and_then(|date| httpdate::parse_http_date(date).ok()),
+            };
+            byte_range(request, validators, entry.body.len() as u64)
         } else {
             RangeAnswer::Full
         };
