@@ -4,7 +4,9 @@
 
 mod support;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
 
 use support::*;
 
@@ -390,6 +392,89 @@ async fn byte_ranges_are_answered_from_a_stored_response() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-length"), Some("1000"));
     assert_eq!(origin.hits("/ranged"), 1);
+}
+
+/// A range of something not stored yet fills the cache like a GET (the origin is asked for all of
+/// it) and is cut from the fill's stream; later ranges are hits.
+#[tokio::test]
+async fn a_range_on_a_miss_fills_the_cache_and_gets_its_part() {
+    let body = pattern(100_000);
+    let origin = {
+        let body = body.clone();
+        MockOrigin::start(move |_| {
+            Reply::chunks(
+                body.chunks(7_000).map(Bytes::copy_from_slice).collect(),
+                Duration::ZERO,
+            )
+            .header("content-length", "100000")
+            .cc("max-age=60")
+        })
+        .await
+    };
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let r = get(&proxy.url("/video"), &[("range", "bytes=10000-29999")]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (206, "MISS"));
+    assert_eq!(r.header("content-range"), Some("bytes 10000-29999/100000"));
+    assert_eq!(r.header("content-length"), Some("20000"));
+    assert!(r.body == body.slice(10_000..30_000), "wrong bytes");
+    assert_eq!(
+        origin.last_header("/video", "range"),
+        None,
+        "the fill asks for the whole body"
+    );
+
+    let r = get(&proxy.url("/video"), &[("range", "bytes=-5")]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (206, "HIT-L1"));
+    assert!(r.body == body.slice(99_995..));
+    assert_eq!(origin.hits("/video"), 1);
+
+    // Past the end on a miss: 416, and the body is stored all the same.
+    let r = get(&proxy.url("/video2"), &[("range", "bytes=100000-")]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (416, "MISS"));
+    assert_eq!(r.header("content-range"), Some("bytes */100000"));
+    assert!(r.body.is_empty());
+    let r = get(&proxy.url("/video2"), &[]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT-L1"));
+    assert!(r.body == body);
+    assert_eq!(origin.hits("/video2"), 1);
+}
+
+/// What will not be stored, and `If-Range` on a miss, go to the origin with the client's `Range`.
+#[tokio::test]
+async fn ranges_of_what_is_not_stored_reach_the_origin() {
+    let origin = MockOrigin::start(|r| match r.path.as_str() {
+        "/private" => Reply::ok(pattern(1000)).cc("no-store"),
+        "/big" => Reply::ok(pattern(2 * 1024 * 1024)).cc("max-age=60"),
+        _ => Reply::ok(pattern(1000))
+            .cc("max-age=60")
+            .header("etag", "\"v1\""),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_MAX_OBJECT_MB", "1")]).await;
+    for path in ["/private", "/big"] {
+        let r = get(&proxy.url(path), &[("range", "bytes=0-9")]).await;
+        assert_eq!(r.status, 200, "{path}: this origin ignores Range");
+        assert_eq!(
+            origin.last_header(path, "range").as_deref(),
+            Some("bytes=0-9"),
+            "{path}: asked again with the client's Range"
+        );
+    }
+    let r = get(
+        &proxy.url("/tagged"),
+        &[("range", "bytes=0-9"), ("if-range", "\"v1\"")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.last_header("/tagged", "if-range").as_deref(),
+        Some("\"v1\"")
+    );
+    assert_eq!(
+        origin.last_header("/tagged", "range").as_deref(),
+        Some("bytes=0-9")
+    );
 }
 
 #[tokio::test]

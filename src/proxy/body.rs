@@ -1,5 +1,6 @@
 //! The one body type Strata sends both ways: empty, a stored `Bytes`, a streamed hyper body (with an
-//! idle deadline when it comes from the origin), or a channel fed by a cache fill.
+//! idle deadline when it comes from the origin), or a channel fed by a cache fill (whole, or one
+//! byte range of it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,8 +43,9 @@ pin_project_lite::pin_project! {
         /// when the body first makes the client wait, and moved on only after progress: a body
         /// that is already buffered (most small ones) never touches the timer wheel.
         Origin { #[pin] body: OriginBody, idle: Option<Pin<Box<Sleep>>>, progressed: bool, timeout: Duration },
-        /// Chunks forwarded by a fill task that also stores them.
-        Channel { rx: mpsc::Receiver<ChannelItem>, complete: bool },
+        /// Chunks forwarded by a fill task that also stores them; with a window, only the bytes
+        /// `skip..skip + take` of them (a byte range of a body being stored).
+        Channel { rx: mpsc::Receiver<ChannelItem>, complete: bool, window: Option<Window> },
     }
 }
 
@@ -73,7 +75,46 @@ impl ProxyBody {
         ProxyBody::Channel {
             rx,
             complete: false,
+            window: None,
         }
+    }
+
+    /// The bytes `first..=last` of a fill's body (`last` inside it). The body ends once they are
+    /// through; the fill goes on storing the rest.
+    pub fn channel_range(rx: mpsc::Receiver<ChannelItem>, first: u64, last: u64) -> Self {
+        ProxyBody::Channel {
+            rx,
+            complete: false,
+            window: Some(Window {
+                skip: first,
+                take: last - first + 1,
+            }),
+        }
+    }
+}
+
+/// What is left of a byte range: bytes still to pass over, then bytes still to deliver.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    skip: u64,
+    take: u64,
+}
+
+impl Window {
+    /// The part of the next `chunk` that falls inside the range (possibly empty).
+    fn cut(&mut self, mut chunk: Bytes) -> Bytes {
+        let len = chunk.len() as u64;
+        if self.skip >= len {
+            self.skip -= len;
+            return Bytes::new();
+        }
+        let start = usize::try_from(self.skip).unwrap_or(usize::MAX);
+        self.skip = 0;
+        let _ = chunk.split_to(start);
+        let keep = self.take.min(chunk.len() as u64);
+        self.take -= keep;
+        chunk.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+        chunk
     }
 }
 
@@ -124,13 +165,27 @@ impl Body for ProxyBody {
                     }
                 }
             },
-            ProxyBodyProj::Channel { rx, complete } => {
-                if *complete {
+            ProxyBodyProj::Channel {
+                rx,
+                complete,
+                window,
+            } => loop {
+                if *complete || window.is_some_and(|w| w.take == 0) {
+                    *complete = true;
                     return Poll::Ready(None);
                 }
-                match rx.poll_recv(cx) {
+                return match rx.poll_recv(cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Ok(Some(data)))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Poll::Ready(Some(Ok(Some(data)))) => {
+                        let data = match window {
+                            Some(window) => window.cut(data),
+                            None => data,
+                        };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
                     Poll::Ready(Some(Ok(None))) => {
                         *complete = true;
                         Poll::Ready(None)
@@ -143,8 +198,8 @@ impl Body for ProxyBody {
                         *complete = true;
                         Poll::Ready(Some(Err(Incomplete.into())))
                     }
-                }
-            }
+                };
+            },
         }
     }
 
@@ -154,7 +209,9 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Client { body } => body.is_end_stream(),
             ProxyBody::Origin { body, .. } => body.is_end_stream(),
-            ProxyBody::Channel { complete, .. } => *complete,
+            ProxyBody::Channel {
+                complete, window, ..
+            } => *complete || window.is_some_and(|w| w.take == 0),
         }
     }
 
@@ -166,7 +223,43 @@ impl Body for ProxyBody {
             }
             ProxyBody::Client { body } => body.size_hint(),
             ProxyBody::Origin { body, .. } => body.size_hint(),
+            ProxyBody::Channel {
+                window: Some(window),
+                ..
+            } => SizeHint::with_exact(window.take),
             ProxyBody::Channel { .. } => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// The window of a channel body, whatever the chunk boundaries: the bytes asked for, then the end.
+    #[tokio::test]
+    async fn a_channel_range_delivers_exactly_its_bytes() -> Result<(), BoxError> {
+        let body: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        for chunk_len in [1, 7, 100, 1000] {
+            for (first, last) in [(0, 0), (0, 999), (5, 5), (6, 993), (999, 999), (300, 699)] {
+                let (tx, rx) = mpsc::channel(body.len());
+                for chunk in body.chunks(chunk_len) {
+                    tx.send(Ok(Some(Bytes::copy_from_slice(chunk)))).await?;
+                }
+                // The fill keeps going; the window must not wait for it.
+                let range = ProxyBody::channel_range(rx, first, last);
+                assert_eq!(range.size_hint().exact(), Some(last - first + 1));
+                let got = range.collect().await?.to_bytes();
+                assert_eq!(
+                    &got[..],
+                    &body[first as usize..=last as usize],
+                    "chunks of {chunk_len}, bytes {first}-{last}"
+                );
+                drop(tx);
+            }
+        }
+        Ok(())
     }
 }

@@ -26,8 +26,8 @@ use super::{headers, is_origin_failure, Proxy, Target};
 use crate::cache::entry::{detach_body, Admission};
 use crate::cache::l2::{Lock, LockToken, L2};
 use crate::cache::policy::{
-    admit, forbids_storing, later, merge_not_modified, revalidation_matches, NotStorable,
-    CACHE_TAG, CONDITIONAL_REQUEST_FIELDS, SURROGATE_KEY,
+    admit, byte_range, forbids_storing, later, merge_not_modified, revalidation_matches,
+    NotStorable, RangeAnswer, Validators, CACHE_TAG, CONDITIONAL_REQUEST_FIELDS, SURROGATE_KEY,
 };
 use crate::cache::{Entry, PurgeReason};
 use crate::coalesce::FlightPermit;
@@ -280,6 +280,12 @@ impl Proxy {
                     inner.cache.mark_pass(&target.key, later(now, PASS_FOR));
                 }
                 tracing::debug!(?reason, status = status.as_u16(), "response not stored");
+                if asked_for_a_range(&parts.headers, status) {
+                    drop(body);
+                    return self
+                        .forward(parts, ProxyBody::empty(), target, None, fwd)
+                        .await;
+                }
                 let response = Response::from_parts(response_parts, body);
                 return self.pass_through(response, Detail::Miss { stored: false, fwd });
             }
@@ -297,9 +303,23 @@ impl Proxy {
             if stored.is_none() {
                 inner.cache.mark_pass(&target.key, later(now, PASS_FOR));
             }
+            if asked_for_a_range(&parts.headers, status) {
+                drop(body);
+                return self
+                    .forward(parts, ProxyBody::empty(), target, None, fwd)
+                    .await;
+            }
             let response = Response::from_parts(response_parts, body);
             return self.pass_through(response, Detail::Miss { stored: false, fwd });
         }
+        // A byte range of what is being stored: cut from the fill's stream (RFC 9110 §14). Without
+        // a declared length there is no `Content-Range` to send, and the full 200 is allowed.
+        let range = match declared_length {
+            Some(length) if asked_for_a_range(&parts.headers, status) => {
+                byte_range(&parts.headers, Validators::default(), length)
+            }
+            _ => RangeAnswer::Full,
+        };
 
         let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
         let fill = Fill {
@@ -315,12 +335,38 @@ impl Proxy {
 
         headers::to_client(&mut response_parts.headers);
         let stored = inner.cache.l1().enabled();
+        let (status, body) = match (range, declared_length) {
+            (RangeAnswer::Part { first, last }, Some(length)) => {
+                let headers = &mut response_parts.headers;
+                if let Ok(value) = HeaderValue::try_from(format!("bytes {first}-{last}/{length}")) {
+                    headers.insert(header::CONTENT_RANGE, value);
+                }
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+                (
+                    StatusCode::PARTIAL_CONTENT,
+                    ProxyBody::channel_range(rx, first, last),
+                )
+            }
+            (RangeAnswer::Unsatisfiable, Some(length)) => {
+                // The fill stores the body all the same; this client gets none of it.
+                drop(rx);
+                let mut headers = http::HeaderMap::with_capacity(6);
+                if let Ok(value) = HeaderValue::try_from(format!("bytes */{length}")) {
+                    headers.insert(header::CONTENT_RANGE, value);
+                }
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                response_parts.headers = headers;
+                (StatusCode::RANGE_NOT_SATISFIABLE, ProxyBody::empty())
+            }
+            _ => (response_parts.status, ProxyBody::channel(rx)),
+        };
+        response_parts.status = status;
         respond::mark(
             &mut response_parts.headers,
             Detail::Miss { stored, fwd },
             None,
         );
-        Response::from_parts(response_parts, ProxyBody::channel(rx))
+        Response::from_parts(response_parts, body)
     }
 
     /// The origin confirmed the stored copy (304): update its headers and freshness, store it again
@@ -587,6 +633,12 @@ impl ClientFeed {
             let _ = tokio::time::timeout(self.stall, tx.send(Err(error))).await;
         }
     }
+}
+
+/// Whether the client asked for a byte range of what the origin answered with `status` (the fill
+/// asks for the whole body, so only a 200 has ranges to cut).
+fn asked_for_a_range(request: &http::HeaderMap, status: StatusCode) -> bool {
+    status == StatusCode::OK && request.contains_key(header::RANGE)
 }
 
 /// The request as the cache policy sees it: a GET for the path, the client's headers, and `Host`.

@@ -519,10 +519,11 @@ impl Proxy {
         let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
             || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
         // These go to the origin as they are, neither coalesced nor stored: a HEAD carries no body to
-        // store, a range is a part, no-store forbids storing, and a conditional on a cold key wants
-        // the origin's own 304.
+        // store, no-store forbids storing, a conditional on a cold key wants the origin's own 304,
+        // and an `If-Range` can only be judged against what the origin has now. A plain `Range`
+        // fills like a GET (the fill asks for the whole body) and is cut from it.
         if head
-            || parts.headers.contains_key(header::RANGE)
+            || parts.headers.contains_key(header::IF_RANGE)
             || directives.no_store
             || (client_conditional && stored.is_none())
         {
