@@ -433,6 +433,7 @@ async fn a_range_on_a_miss_fills_the_cache_and_gets_its_part() {
     let r = get(&proxy.url("/video2"), &[("range", "bytes=100000-")]).await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (416, "MISS"));
     assert_eq!(r.header("content-range"), Some("bytes */100000"));
+    assert_eq!(r.header("via"), Some("1.1 strata"));
     assert!(r.body.is_empty());
     let r = get(&proxy.url("/video2"), &[]).await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT-L1"));
@@ -460,21 +461,67 @@ async fn ranges_of_what_is_not_stored_reach_the_origin() {
             Some("bytes=0-9"),
             "{path}: asked again with the client's Range"
         );
+        assert_eq!(origin.hits(path), 2, "{path}: the whole, then the range");
+        // The URL is passed now: the next range goes to the origin at once.
+        get(&proxy.url(path), &[("range", "bytes=10-19")]).await;
+        assert_eq!(
+            origin.hits(path),
+            3,
+            "{path}: one request for the next range"
+        );
     }
-    let r = get(
-        &proxy.url("/tagged"),
-        &[("range", "bytes=0-9"), ("if-range", "\"v1\"")],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    // Preconditions and credentials: the origin judges them, so the request goes as it is.
+    for (n, precondition) in [
+        ("if-range", "\"v1\""),
+        ("if-match", "\"v1\""),
+        ("if-unmodified-since", "Tue, 24 Nov 2026 10:00:00 GMT"),
+        ("authorization", "Bearer t"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/tagged-{n}");
+        let r = get(&proxy.url(&path), &[("range", "bytes=0-9"), precondition]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            origin.last_header(&path, precondition.0).as_deref(),
+            Some(precondition.1)
+        );
+        assert_eq!(
+            origin.last_header(&path, "range").as_deref(),
+            Some("bytes=0-9")
+        );
+        assert_eq!(origin.hits(&path), 1, "{path}: no fill first");
+    }
+}
+
+/// With nothing to store into, a range fetches no whole body: it goes to the origin as it is.
+#[tokio::test]
+async fn without_a_cache_ranges_go_to_the_origin() {
+    let origin = MockOrigin::start(|_| Reply::ok(pattern(1000)).cc("max-age=60")).await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_SIZE_MB", "0")]).await;
+    get(&proxy.url("/r"), &[("range", "bytes=0-9")]).await;
     assert_eq!(
-        origin.last_header("/tagged", "if-range").as_deref(),
-        Some("\"v1\"")
-    );
-    assert_eq!(
-        origin.last_header("/tagged", "range").as_deref(),
+        origin.last_header("/r", "range").as_deref(),
         Some("bytes=0-9")
     );
+    assert_eq!(origin.hits("/r"), 1);
+}
+
+/// A stale copy answers a range at once; the background refresh asks for the whole body.
+#[tokio::test]
+async fn a_refresh_behind_a_stale_range_fetches_the_whole_body() {
+    let origin =
+        MockOrigin::start(|_| Reply::ok(pattern(1000)).cc("max-age=1, stale-while-revalidate=60"))
+            .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    assert_eq!(get(&proxy.url("/swr"), &[]).await.x_cache(), "MISS");
+    proxy.advance(Duration::from_secs(5));
+    let r = get(&proxy.url("/swr"), &[("range", "bytes=0-9")]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (206, "STALE"));
+    assert!(r.body == pattern(1000).slice(0..10));
+    origin.wait_hits("/swr", 2).await;
+    assert_eq!(origin.last_header("/swr", "range"), None);
 }
 
 #[tokio::test]

@@ -188,7 +188,13 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Ok(None))) => {
                         *complete = true;
-                        Poll::Ready(None)
+                        // A window still open at the end: the body was shorter than declared.
+                        match window {
+                            Some(window) if window.take > 0 => {
+                                Poll::Ready(Some(Err(Incomplete.into())))
+                            }
+                            _ => Poll::Ready(None),
+                        }
                     }
                     Poll::Ready(Some(Err(error))) => {
                         *complete = true;

@@ -283,7 +283,7 @@ impl Proxy {
                 if asked_for_a_range(&parts.headers, status) {
                     drop(body);
                     return self
-                        .forward(parts, ProxyBody::empty(), target, None, fwd)
+                        .range_from_origin(parts, target, stored.is_none(), now, fwd)
                         .await;
                 }
                 let response = Response::from_parts(response_parts, body);
@@ -306,7 +306,7 @@ impl Proxy {
             if asked_for_a_range(&parts.headers, status) {
                 drop(body);
                 return self
-                    .forward(parts, ProxyBody::empty(), target, None, fwd)
+                    .range_from_origin(parts, target, stored.is_none(), now, fwd)
                     .await;
             }
             let response = Response::from_parts(response_parts, body);
@@ -355,6 +355,7 @@ impl Proxy {
                     headers.insert(header::CONTENT_RANGE, value);
                 }
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                headers::to_client(&mut headers);
                 response_parts.headers = headers;
                 (StatusCode::RANGE_NOT_SATISFIABLE, ProxyBody::empty())
             }
@@ -367,6 +368,25 @@ impl Proxy {
             None,
         );
         Response::from_parts(response_parts, body)
+    }
+
+    /// The fill's answer will not be stored, so the client's range is better asked of the origin
+    /// than cut from a whole body fetched for nothing: the request goes again with its `Range`, and
+    /// (when nothing is stored for the URL) the URL is passed for a while, so that its next ranges
+    /// go there at once instead of paying two origin requests each.
+    async fn range_from_origin(
+        &self,
+        parts: Parts,
+        target: &Target,
+        nothing_stored: bool,
+        now: std::time::SystemTime,
+        fwd: Fwd,
+    ) -> Response<ProxyBody> {
+        if nothing_stored {
+            self.0.cache.mark_pass(&target.key, later(now, PASS_FOR));
+        }
+        self.forward(parts, ProxyBody::empty(), target, None, fwd)
+            .await
     }
 
     /// The origin confirmed the stored copy (304): update its headers and freshness, store it again

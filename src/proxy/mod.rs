@@ -520,10 +520,10 @@ impl Proxy {
             || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
         // These go to the origin as they are, neither coalesced nor stored: a HEAD carries no body to
         // store, no-store forbids storing, a conditional on a cold key wants the origin's own 304,
-        // and an `If-Range` can only be judged against what the origin has now. A plain `Range`
-        // fills like a GET (the fill asks for the whole body) and is cut from it.
+        // and some ranges are better left to the origin (see `range_for_the_origin`). Other ranges
+        // fill like a GET (the fill asks for the whole body) and are cut from it.
         if head
-            || parts.headers.contains_key(header::IF_RANGE)
+            || self.range_for_the_origin(&parts.headers)
             || directives.no_store
             || (client_conditional && stored.is_none())
         {
@@ -533,6 +533,24 @@ impl Proxy {
             return Plan::Wait(Wait::Forward { stored: None, fwd });
         }
         Plan::Wait(Wait::Coalesce { stored, fwd })
+    }
+
+    /// A `Range` request that goes to the origin as it is rather than filling the cache: with
+    /// `If-Range`, `If-Match` or `If-Unmodified-Since` (only the origin can judge them against what
+    /// it has now, and a 206 must not mix versions), with `Authorization` (its answer is rarely
+    /// storable, and filling would fetch the whole body for nothing), or when nothing can be
+    /// stored at all (`CACHE_SIZE_MB=0` without L2).
+    fn range_for_the_origin(&self, request: &http::HeaderMap) -> bool {
+        request.contains_key(header::RANGE)
+            && ([
+                header::IF_RANGE,
+                header::IF_MATCH,
+                header::IF_UNMODIFIED_SINCE,
+                header::AUTHORIZATION,
+            ]
+            .iter()
+            .any(|name| request.contains_key(name))
+                || !(self.0.cache.l1().enabled() || self.0.cache.l2().is_some()))
     }
 
     /// `only-if-cached` with nothing usable in L1: L2 may have it; else 504 (RFC 9111 §5.2.1.7).
@@ -1011,6 +1029,10 @@ fn refresh_request(parts: &Parts) -> Parts {
     fresh.uri = parts.uri.clone();
     fresh.version = parts.version;
     fresh.headers = parts.headers.clone();
+    // The refresh is for the cache, not for this client's range or preconditions.
+    for name in CONDITIONAL_REQUEST_FIELDS {
+        fresh.headers.remove(name);
+    }
     fresh
 }
 
