@@ -20,7 +20,7 @@ use fred::interfaces::{ClientLike, KeysInterface, LuaInterface, SetsInterface};
 use fred::types::config::Options;
 use fred::types::config::ReconnectPolicy;
 use fred::types::ExpireOptions;
-use fred::types::{Builder, Expiration, SetOptions};
+use fred::types::{Builder, Expiration, SetOptions, Value};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 
@@ -442,16 +442,13 @@ impl L2 {
         deleted.is_some()
     }
 
-    async fn delete_unchanged(&self, store: &Store, key: &str, value: Bytes) {
+    /// Deletes `redis_key` only while it still holds `expected` (an entry we read, a lock we own).
+    async fn compare_and_delete(&self, store: &Store, redis_key: String, expected: Value) {
         let client = store.pool.next_connected().with_options(&self.options);
         let _: Option<i64> = self
             .call(
                 store,
-                client.eval(
-                    COMPARE_AND_DELETE_SCRIPT,
-                    vec![self.entry_key(key)],
-                    vec![value],
-                ),
+                client.eval(COMPARE_AND_DELETE_SCRIPT, vec![redis_key], vec![expected]),
             )
             .await;
     }
@@ -629,16 +626,7 @@ impl L2 {
         let Some(store) = self.stores.get(token.store) else {
             return;
         };
-        let client = store.pool.next_connected().with_options(&self.options);
-        let _: Option<i64> = self
-            .call(
-                store,
-                client.eval(
-                    COMPARE_AND_DELETE_SCRIPT,
-                    vec![self.lock_key(&token.key)],
-                    vec![token.owner],
-                ),
-            )
+        self.compare_and_delete(store, self.lock_key(&token.key), Value::from(token.owner))
             .await;
     }
 
@@ -788,7 +776,8 @@ async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
                     l2.delete_from(store, key).await;
                 }
                 Write::DeleteIfUnchanged { key, value } => {
-                    l2.delete_unchanged(store, key, value.clone()).await;
+                    l2.compare_and_delete(store, l2.entry_key(key), Value::from(value.clone()))
+                        .await;
                 }
             }
         }
