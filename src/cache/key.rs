@@ -124,6 +124,7 @@ fn sorted_members(list: Vec<u8>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::policy::tests::headers;
 
     #[test]
     fn key_lowercases_host_and_keeps_query() {
@@ -171,16 +172,8 @@ mod tests {
         );
     }
 
-    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(*name, http::HeaderValue::from_static(value));
-        }
-        headers
-    }
-
     fn selected(name: HeaderName, pairs: &[(&'static str, &'static str)]) -> Option<String> {
-        selecting_value(&name, &fields(pairs)).map(|v| String::from_utf8_lossy(&v).into_owned())
+        selecting_value(&name, &headers(pairs)).map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     #[test]
@@ -228,7 +221,7 @@ mod tests {
     fn variant_keys_follow_the_normalized_values() {
         let names = [http::header::ACCEPT_ENCODING];
         let key =
-            |pairs: &[(&'static str, &'static str)]| variant_key("k", 1, &names, &fields(pairs));
+            |pairs: &[(&'static str, &'static str)]| variant_key("k", 1, &names, &headers(pairs));
         assert_eq!(
             key(&[("accept-encoding", "gzip, br")]),
             key(&[("accept-encoding", "BR"), ("accept-encoding", "gzip")])
