@@ -337,11 +337,7 @@ impl Proxy {
         let stored = inner.cache.l1().enabled();
         let (status, body) = match (range, declared_length) {
             (RangeAnswer::Part { first, last }, Some(length)) => {
-                let headers = &mut response_parts.headers;
-                if let Ok(value) = HeaderValue::try_from(format!("bytes {first}-{last}/{length}")) {
-                    headers.insert(header::CONTENT_RANGE, value);
-                }
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+                respond::describe_part(&mut response_parts.headers, first, last, length);
                 (
                     StatusCode::PARTIAL_CONTENT,
                     ProxyBody::channel_range(rx, first, last),
@@ -350,13 +346,8 @@ impl Proxy {
             (RangeAnswer::Unsatisfiable, Some(length)) => {
                 // The fill stores the body all the same; this client gets none of it.
                 drop(rx);
-                let mut headers = http::HeaderMap::with_capacity(6);
-                if let Ok(value) = HeaderValue::try_from(format!("bytes */{length}")) {
-                    headers.insert(header::CONTENT_RANGE, value);
-                }
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-                headers::to_client(&mut headers);
-                response_parts.headers = headers;
+                response_parts.headers = respond::unsatisfiable_range_fields(length);
+                headers::to_client(&mut response_parts.headers);
                 (StatusCode::RANGE_NOT_SATISFIABLE, ProxyBody::empty())
             }
             _ => (response_parts.status, ProxyBody::channel(rx)),

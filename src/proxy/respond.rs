@@ -163,18 +163,11 @@ pub fn from_entry(
                 ProxyBody::full(entry.body.clone()),
             ),
             RangeAnswer::Part { first, last } => part(entry, first, last),
-            RangeAnswer::Unsatisfiable => {
-                let mut headers = HeaderMap::with_capacity(8);
-                if let Ok(value) = HeaderValue::try_from(format!("bytes */{}", entry.body.len())) {
-                    headers.insert(header::CONTENT_RANGE, value);
-                }
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-                (
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    headers,
-                    ProxyBody::empty(),
-                )
-            }
+            RangeAnswer::Unsatisfiable => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                unsatisfiable_range_fields(entry.body.len() as u64),
+                ProxyBody::empty(),
+            ),
         }
     };
     // One allocation for the value (`HeaderValue::from(u64)` makes two: a buffer, then its shrink).
@@ -194,14 +187,29 @@ pub fn from_entry(
     response
 }
 
-/// `206 Partial Content`: bytes `first..=last` of the stored body, shared rather than copied.
-fn part(entry: &Entry, first: u64, last: u64) -> (StatusCode, HeaderMap, ProxyBody) {
-    let mut headers = entry.headers.clone();
-    let range = format!("bytes {first}-{last}/{}", entry.body.len());
-    if let Ok(value) = HeaderValue::try_from(range) {
+/// The framing of a 206 that carries bytes `first..=last` of a representation of `length` bytes:
+/// `Content-Range` and the part's `Content-Length`.
+pub fn describe_part(headers: &mut HeaderMap, first: u64, last: u64, length: u64) {
+    if let Ok(value) = HeaderValue::try_from(format!("bytes {first}-{last}/{length}")) {
         headers.insert(header::CONTENT_RANGE, value);
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+}
+
+/// The fields of a 416 for a representation of `length` bytes (RFC 9110 §15.5.17).
+pub fn unsatisfiable_range_fields(length: u64) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(8);
+    if let Ok(value) = HeaderValue::try_from(format!("bytes */{length}")) {
+        headers.insert(header::CONTENT_RANGE, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    headers
+}
+
+/// `206 Partial Content`: bytes `first..=last` of the stored body, shared rather than copied.
+fn part(entry: &Entry, first: u64, last: u64) -> (StatusCode, HeaderMap, ProxyBody) {
+    let mut headers = entry.headers.clone();
+    describe_part(&mut headers, first, last, entry.body.len() as u64);
     // `byte_range` keeps both positions inside the body; `Bytes::slice` would panic otherwise.
     let (first, last) = (
         usize::try_from(first).unwrap_or(usize::MAX),
