@@ -160,8 +160,9 @@ impl Logged {
 
 /// What `Proxy::plan` decided for a GET or HEAD.
 enum Plan {
-    /// Answered at once: from the cache, or refused.
-    Answer(Response<ProxyBody>),
+    /// Answered at once: from the cache, or refused; with the status to count it under (known
+    /// here, so the hit path need not read it back from the answer's `X-Cache`).
+    Answer(Response<ProxyBody>, CacheStatus),
     /// Answered after a wait.
     Wait(Wait),
 }
@@ -224,8 +225,13 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Accounted<F> {
         let this = self.project();
         let response = std::task::ready!(this.work.poll(cx));
         let logged = this.logged.take();
-        this.proxy
-            .account(&response, *this.started, logged.as_ref().map(Logged::line));
+        let status = cache_status_of(&response);
+        this.proxy.account(
+            &response,
+            status,
+            *this.started,
+            logged.as_ref().map(Logged::line),
+        );
         Poll::Ready(response)
     }
 }
@@ -317,7 +323,7 @@ impl Proxy {
                 let refusal = respond::text(StatusCode::BAD_REQUEST, reason, Detail::Bypass);
                 let line = logging
                     .then(|| LogLine::of(request.method(), request.uri(), request.headers()));
-                self.account(&refusal, started, line);
+                self.account(&refusal, CacheStatus::Bypass, started, line);
                 return Answer::ready(refusal);
             }
         };
@@ -339,8 +345,8 @@ impl Proxy {
         let plan = self.plan(&parts, &target, found);
         let line = logging.then(|| LogLine::of(&parts.method, &parts.uri, &parts.headers));
         let wait = match plan {
-            Plan::Answer(response) => {
-                self.account(&response, started, line);
+            Plan::Answer(response, status) => {
+                self.account(&response, status, started, line);
                 return Answer::ready(response);
             }
             Plan::Wait(wait) => wait,
@@ -363,9 +369,14 @@ impl Proxy {
     }
 
     /// Counts an answer and writes its access line.
-    fn account(&self, response: &Response<ProxyBody>, started: Instant, line: Option<LogLine<'_>>) {
+    fn account(
+        &self,
+        response: &Response<ProxyBody>,
+        status: CacheStatus,
+        started: Instant,
+        line: Option<LogLine<'_>>,
+    ) {
         let elapsed = started.elapsed();
-        let status = cache_status_of(response);
         self.0.stats.count(status);
         if status == CacheStatus::HitL1 {
             self.0.stats.hit_latency.observe(elapsed);
@@ -449,7 +460,7 @@ impl Proxy {
     async fn cached(&self, parts: Parts, target: Target) -> Response<ProxyBody> {
         let found = self.0.cache.lookup(&target.key, &parts.headers);
         match self.plan(&parts, &target, found) {
-            Plan::Answer(response) => response,
+            Plan::Answer(response, _) => response,
             Plan::Wait(Wait::Forward { stored, fwd }) => {
                 Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await
             }
@@ -478,13 +489,10 @@ impl Proxy {
         };
         if let Some(entry) = &stored {
             if !directives.no_cache && satisfies(entry, &directives, now) {
-                return Plan::Answer(respond::from_entry(
-                    entry,
-                    &parts.headers,
-                    head,
-                    now,
-                    Detail::Hit,
-                ));
+                return Plan::Answer(
+                    respond::from_entry(entry, &parts.headers, head, now, Detail::Hit),
+                    Detail::Hit.cache_status(),
+                );
             }
             let client_tolerates_stale =
                 directives.max_age.is_none() && directives.min_fresh.is_none();
@@ -494,20 +502,18 @@ impl Proxy {
                 && entry.may_serve_while_revalidating(now)
             {
                 self.refresh_in_background(parts, target, entry.clone());
-                return Plan::Answer(respond::from_entry(
-                    entry,
-                    &parts.headers,
-                    head,
-                    now,
-                    Detail::StaleWhileRevalidate,
-                ));
+                let detail = Detail::StaleWhileRevalidate;
+                return Plan::Answer(
+                    respond::from_entry(entry, &parts.headers, head, now, detail),
+                    detail.cache_status(),
+                );
             }
         }
         if directives.only_if_cached {
             if stored.is_none() {
                 return Plan::Wait(Wait::OnlyIfCached(directives));
             }
-            return Plan::Answer(not_in_cache());
+            return Plan::Answer(not_in_cache(), CacheStatus::Miss);
         }
 
         let fwd = match (&stored, directives.no_cache) {

@@ -55,10 +55,12 @@ impl Detail {
 
     fn header_value(self, ttl: Option<i64>) -> HeaderValue {
         let text = match self {
-            Detail::Hit => return HeaderValue::from_static("strata; hit"),
-            Detail::HitL2 => return HeaderValue::from_static("strata; hit; detail=l2"),
-            Detail::Bypass => return HeaderValue::from_static("strata; fwd=bypass"),
-            Detail::Coalesced => return HeaderValue::from_static("strata; hit; detail=coalesced"),
+            Detail::Hit => return const { HeaderValue::from_static("strata; hit") },
+            Detail::HitL2 => return const { HeaderValue::from_static("strata; hit; detail=l2") },
+            Detail::Bypass => return const { HeaderValue::from_static("strata; fwd=bypass") },
+            Detail::Coalesced => {
+                return const { HeaderValue::from_static("strata; hit; detail=coalesced") }
+            }
             Detail::StaleWhileRevalidate => format!(
                 "strata; hit; ttl={}; detail=stale-while-revalidate",
                 ttl.unwrap_or(0)
@@ -73,23 +75,37 @@ impl Detail {
                 ttl.unwrap_or(0)
             ),
             Detail::Revalidated { forced: false } => {
-                return HeaderValue::from_static("strata; fwd=stale; fwd-status=304")
+                return const { HeaderValue::from_static("strata; fwd=stale; fwd-status=304") }
             }
             Detail::Revalidated { forced: true } => {
-                return HeaderValue::from_static("strata; fwd=request; fwd-status=304")
+                return const { HeaderValue::from_static("strata; fwd=request; fwd-status=304") }
             }
             // Every forwarded answer carries one of these: static, not formatted per request.
             Detail::Miss { stored, fwd } => {
-                return HeaderValue::from_static(match (fwd, stored) {
-                    (Fwd::UriMiss, false) => "strata; fwd=uri-miss",
-                    (Fwd::UriMiss, true) => "strata; fwd=uri-miss; stored",
-                    (Fwd::VaryMiss, false) => "strata; fwd=vary-miss",
-                    (Fwd::VaryMiss, true) => "strata; fwd=vary-miss; stored",
-                    (Fwd::Stale, false) => "strata; fwd=stale",
-                    (Fwd::Stale, true) => "strata; fwd=stale; stored",
-                    (Fwd::Request, false) => "strata; fwd=request",
-                    (Fwd::Request, true) => "strata; fwd=request; stored",
-                })
+                return match (fwd, stored) {
+                    (Fwd::UriMiss, false) => {
+                        const { HeaderValue::from_static("strata; fwd=uri-miss") }
+                    }
+                    (Fwd::UriMiss, true) => {
+                        const { HeaderValue::from_static("strata; fwd=uri-miss; stored") }
+                    }
+                    (Fwd::VaryMiss, false) => {
+                        const { HeaderValue::from_static("strata; fwd=vary-miss") }
+                    }
+                    (Fwd::VaryMiss, true) => {
+                        const { HeaderValue::from_static("strata; fwd=vary-miss; stored") }
+                    }
+                    (Fwd::Stale, false) => const { HeaderValue::from_static("strata; fwd=stale") },
+                    (Fwd::Stale, true) => {
+                        const { HeaderValue::from_static("strata; fwd=stale; stored") }
+                    }
+                    (Fwd::Request, false) => {
+                        const { HeaderValue::from_static("strata; fwd=request") }
+                    }
+                    (Fwd::Request, true) => {
+                        const { HeaderValue::from_static("strata; fwd=request; stored") }
+                    }
+                }
             }
         };
         HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("strata"))
@@ -98,12 +114,24 @@ impl Detail {
 
 /// Adds `X-Cache` and `Cache-Status` to any answer.
 pub fn mark(headers: &mut HeaderMap, detail: Detail, ttl: Option<i64>) {
-    headers.insert(
-        X_CACHE,
-        HeaderValue::from_static(detail.cache_status().as_str()),
-    );
+    headers.insert(X_CACHE, x_cache_value(detail.cache_status()));
     // RFC 9211: each cache appends its own member; those of caches nearer the origin stay first.
     headers.append(CACHE_STATUS, detail.header_value(ttl));
+}
+
+/// The `X-Cache` value of a status. Constants: `from_static` outside a const context checks every
+/// byte on each call.
+fn x_cache_value(status: CacheStatus) -> HeaderValue {
+    match status {
+        CacheStatus::HitL1 => const { HeaderValue::from_static(CacheStatus::HitL1.as_str()) },
+        CacheStatus::HitL2 => const { HeaderValue::from_static(CacheStatus::HitL2.as_str()) },
+        CacheStatus::Miss => const { HeaderValue::from_static(CacheStatus::Miss.as_str()) },
+        CacheStatus::Stale => const { HeaderValue::from_static(CacheStatus::Stale.as_str()) },
+        CacheStatus::Revalidated => {
+            const { HeaderValue::from_static(CacheStatus::Revalidated.as_str()) }
+        }
+        CacheStatus::Bypass => const { HeaderValue::from_static(CacheStatus::Bypass.as_str()) },
+    }
 }
 
 /// Fields a 304 carries (RFC 9110 §15.4.5).
@@ -125,8 +153,12 @@ pub fn from_entry(
     now: SystemTime,
     detail: Detail,
 ) -> Response<ProxyBody> {
-    let conditional = request.contains_key(header::IF_NONE_MATCH)
-        || request.contains_key(header::IF_MODIFIED_SINCE);
+    // One pass over the request's field names (a handful, usually) instead of three hashed lookups.
+    let (mut conditional, mut ranged) = (false, false);
+    for name in request.keys() {
+        conditional |= name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE;
+        ranged |= name == header::RANGE;
+    }
     let (status, mut headers, body) = if conditional
         && entry.status == StatusCode::OK
         && not_modified(request, entry.etag.as_ref(), entry.last_modified)
@@ -141,7 +173,7 @@ pub fn from_entry(
     } else if head {
         (entry.status, entry.headers.clone(), ProxyBody::empty())
     } else {
-        let range = if request.contains_key(header::RANGE) && entry.status == StatusCode::OK {
+        let range = if ranged && entry.status == StatusCode::OK {
             let validators = Validators {
                 etag: entry.etag.as_ref(),
                 last_modified: entry.last_modified,
@@ -175,7 +207,10 @@ pub fn from_entry(
     if let Ok(value) = HeaderValue::from_bytes(age.format(entry.age(now)).as_bytes()) {
         headers.insert(header::AGE, value);
     }
-    headers.append(header::VIA, HeaderValue::from_static("1.1 strata"));
+    headers.append(
+        header::VIA,
+        const { HeaderValue::from_static("1.1 strata") },
+    );
     let ttl = match detail {
         Detail::StaleWhileRevalidate | Detail::StaleIfError(_) => Some(entry.ttl_secs(now)),
         _ => None,
