@@ -27,6 +27,7 @@ pub const RUST_LOG: &str = "RUST_LOG";
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
 pub const LOG_REDACT_KEYS: &str = "LOG_REDACT_KEYS";
 pub const SURROGATE_HEADERS_VISIBLE: &str = "SURROGATE_HEADERS_VISIBLE";
+pub const NORMALIZE_ACCEPT_ENCODING: &str = "NORMALIZE_ACCEPT_ENCODING";
 pub const REDIS_URL: &str = "REDIS_URL";
 pub const REDIS_ENABLED: &str = "REDIS_ENABLED";
 pub const REDIS_ADDR: &str = "REDIS_ADDR";
@@ -92,6 +93,10 @@ pub struct RawArgs {
     /// Show the origin's Surrogate-Key / Cache-Tag headers to clients.
     #[arg(long, env = SURROGATE_HEADERS_VISIBLE, value_name = SURROGATE_HEADERS_VISIBLE, default_value = "false")]
     pub surrogate_headers_visible: String,
+    /// Rewrite a GET's or HEAD's Accept-Encoding to its class (br, gzip, zstd it accepts) before
+    /// lookup and towards the origin, so browsers share variants.
+    #[arg(long, env = NORMALIZE_ACCEPT_ENCODING, value_name = NORMALIZE_ACCEPT_ENCODING, default_value = "true")]
+    pub normalize_accept_encoding: String,
     /// Redis L2: redis://, rediss://, redis-sentinel://...?sentinelServiceName=..., redis-cluster://.
     /// Unset: L1 only (unless REDIS_ENABLED).
     #[arg(long, env = REDIS_URL, value_name = REDIS_URL, hide_env_values = true)]
@@ -141,6 +146,7 @@ pub struct Config {
     pub admin_token: Option<AdminToken>,
     pub log_redact_keys: bool,
     pub surrogate_headers_visible: bool,
+    pub normalize_accept_encoding: bool,
 }
 
 /// The admin bearer token; never printed.
@@ -236,6 +242,7 @@ const FLAGS: &[(&str, &str)] = &[
     (ADMIN_TOKEN, "--admin-token"),
     (LOG_REDACT_KEYS, "--log-redact-keys"),
     (SURROGATE_HEADERS_VISIBLE, "--surrogate-headers-visible"),
+    (NORMALIZE_ACCEPT_ENCODING, "--normalize-accept-encoding"),
     (REDIS_URL, "--redis-url"),
     (REDIS_ENABLED, "--redis-enabled"),
     (REDIS_ADDR, "--redis-addr"),
@@ -293,6 +300,10 @@ impl Config {
             surrogate_headers_visible: parse_bool(
                 SURROGATE_HEADERS_VISIBLE,
                 &raw.surrogate_headers_visible,
+            )?,
+            normalize_accept_encoding: parse_bool(
+                NORMALIZE_ACCEPT_ENCODING,
+                &raw.normalize_accept_encoding,
             )?,
             origin: parse_origin(&raw.origin_url)?,
             listen_addr: parse_addr(LISTEN_ADDR, &raw.listen_addr)?,

@@ -148,7 +148,7 @@ fn durations_parse_in_operator_units() {
 
 #[test]
 fn from_vars_errors_name_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 6] = [
+    let cases: [(&[(&str, &str)], &str); 7] = [
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
             "CACHE_SIZE_MB",
@@ -167,6 +167,10 @@ fn from_vars_errors_name_the_variable() {
             &[("ORIGIN_URL", "http://o"), ("TUNNEL_IDLE_TIMEOUT", "0s")],
             "TUNNEL_IDLE_TIMEOUT",
         ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("NORMALIZE_ACCEPT_ENCODING", "sometimes")],
+            "NORMALIZE_ACCEPT_ENCODING",
+        ),
     ];
     for (vars, name) in cases {
         match Config::from_vars(vars.iter().copied()) {
@@ -183,6 +187,7 @@ fn from_vars_defaults_and_sizes() {
     assert_eq!(config.cache_size_bytes, 256 * 1024 * 1024);
     assert_eq!(config.max_object_bytes, 8 * 1024 * 1024);
     assert_eq!(config.lock_timeout, Duration::from_secs(5));
+    assert!(config.normalize_accept_encoding);
     assert_eq!(config.origin_timeout, Duration::from_secs(30));
     assert_eq!(config.grace, Duration::ZERO);
     assert_eq!(config.stale_if_error, Duration::ZERO);

@@ -252,6 +252,78 @@ async fn vary_variants_are_stored_side_by_side() {
     assert_not_stored(&proxy, &origin, "/vary-star", &[]).await;
 }
 
+/// An origin whose answers vary on `Accept-Encoding` and name the field lines it received.
+async fn encoding_echo_origin() -> MockOrigin {
+    MockOrigin::start(|r| {
+        let ae: Vec<&str> = r
+            .headers
+            .get_all("accept-encoding")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Reply::ok(format!("body-{}", ae.join("|")))
+            .cc("max-age=60")
+            .header("vary", "Accept-Encoding")
+    })
+    .await
+}
+
+/// `NORMALIZE_ACCEPT_ENCODING` (on by default): coding lists collapse to the set of br, gzip and zstd
+/// the client accepts; the origin is asked with that class, and one variant serves the whole class.
+#[tokio::test]
+async fn accept_encoding_classes_share_variants() {
+    let origin = encoding_echo_origin().await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/classes");
+    let expect = |r: &Resp, x_cache: &str, body: &str| {
+        assert_eq!((r.x_cache(), r.text().as_str()), (x_cache, body));
+    };
+
+    // Chrome's list, then another spelling of the same class.
+    let chrome = get(&url, &[("accept-encoding", "gzip, deflate, br, zstd")]).await;
+    expect(&chrome, "MISS", "body-br, gzip, zstd");
+    let same = [("accept-encoding", "zstd;q=1.0, br, gzip;q=0.9, deflate")];
+    expect(&get(&url, &same).await, "HIT-L1", "body-br, gzip, zstd");
+    // Safari's list is another class; a shorter spelling of it shares its variant.
+    let safari = get(&url, &[("accept-encoding", "gzip, deflate, br")]).await;
+    expect(&safari, "MISS", "body-br, gzip");
+    expect(
+        &get(&url, &[("accept-encoding", "BR,gzip")]).await,
+        "HIT-L1",
+        "body-br, gzip",
+    );
+    // Nothing the origin could compress with, or gzip refused: identity.
+    let deflate = get(&url, &[("accept-encoding", "deflate")]).await;
+    expect(&deflate, "MISS", "body-identity");
+    let refused = [("accept-encoding", "gzip;q=0")];
+    expect(&get(&url, &refused).await, "HIT-L1", "body-identity");
+    // A client refusing identity goes to the origin as it spoke; no field at all stays absent.
+    let strict = get(&url, &[("accept-encoding", "br, identity;q=0")]).await;
+    expect(&strict, "MISS", "body-br, identity;q=0");
+    expect(&get(&url, &[]).await, "MISS", "body-");
+    assert_eq!(origin.hits("/classes"), 5);
+}
+
+#[tokio::test]
+async fn accept_encoding_reaches_the_origin_as_sent_when_normalization_is_off() {
+    let origin = encoding_echo_origin().await;
+    let proxy = TestProxy::start(&origin.url(), &[("NORMALIZE_ACCEPT_ENCODING", "off")]).await;
+    let url = proxy.url("/as-sent");
+
+    let r = get(&url, &[("accept-encoding", "gzip, deflate, br")]).await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("MISS", "body-gzip, deflate, br")
+    );
+    // RFC 9111 matching still applies: same codings in another order.
+    let r = get(&url, &[("accept-encoding", "br, deflate, gzip")]).await;
+    assert_eq!(r.x_cache(), "HIT-L1");
+    // Without classes, a list without deflate is another variant.
+    let r = get(&url, &[("accept-encoding", "gzip, br")]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "body-gzip, br"));
+    assert_eq!(origin.hits("/as-sent"), 2);
+}
+
 /// RFC 9111 §4.1: selecting fields match across whitespace, field-line splitting and normalizations
 /// that keep their meaning (case and order of `Accept-Encoding` codings); a different set of codings,
 /// or an absent field against an empty one, is another variant.
@@ -269,7 +341,8 @@ async fn vary_matches_selecting_fields_as_normalized() {
             .header("vary", "Accept-Encoding, Accept-Language")
     })
     .await;
-    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    // RFC matching alone: the classes of NORMALIZE_ACCEPT_ENCODING would merge more (tested below).
+    let proxy = TestProxy::start(&origin.url(), &[("NORMALIZE_ACCEPT_ENCODING", "false")]).await;
     let url = proxy.url("/vary-normal");
 
     let first = [

@@ -10,6 +10,7 @@
 //! describe, warm) lives in `manage`.
 
 pub mod body;
+pub mod encoding;
 mod fill;
 pub mod headers;
 mod manage;
@@ -340,7 +341,10 @@ impl Proxy {
                 proxy.route_other(request, target).await
             });
         }
-        let (parts, _empty_body) = request.into_parts();
+        let (mut parts, _empty_body) = request.into_parts();
+        if self.0.config.normalize_accept_encoding {
+            encoding::normalize(&mut parts.headers);
+        }
         let found = self.0.cache.lookup(&target.key, &parts.headers);
         let plan = self.plan(&parts, &target, found);
         let line = logging.then(|| LogLine::of(&parts.method, &parts.uri, &parts.headers));
