@@ -168,7 +168,10 @@ fn from_vars_errors_name_the_variable() {
             "TUNNEL_IDLE_TIMEOUT",
         ),
         (
-            &[("ORIGIN_URL", "http://o"), ("NORMALIZE_ACCEPT_ENCODING", "sometimes")],
+            &[
+                ("ORIGIN_URL", "http://o"),
+                ("NORMALIZE_ACCEPT_ENCODING", "sometimes"),
+            ],
             "NORMALIZE_ACCEPT_ENCODING",
         ),
     ];

@@ -12,12 +12,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::entry::{Admission, Entry};
+use super::entry::{Admission, Entry, STORED_MAP_ROOM};
 use super::l1::{Slot, VaryRecord};
 use super::policy::Lifetime;
 
@@ -43,14 +43,15 @@ pub enum CodecError {
     TooLarge,
 }
 
-#[derive(Serialize, Deserialize)]
+/// What [`encode`] writes ([`StoredRef`] reads it back).
+#[derive(Serialize)]
 enum Stored {
     Entry(StoredEntry),
     Vary { names: Vec<String>, nonce: u64 },
     Pass { until_ms: u64 },
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct StoredEntry {
     status: u16,
     headers: Vec<(String, Bytes)>,
@@ -63,6 +64,40 @@ struct StoredEntry {
     never_stale: bool,
     honours_max_stale: bool,
     variant: Vec<(String, Vec<Bytes>)>,
+    tags: Vec<String>,
+}
+
+/// [`Stored`] as decoding reads it: borrowed from the payload, so no field is allocated on its own
+/// (an L2 hit used to allocate every header name and value twice).
+#[derive(Deserialize)]
+enum StoredRef<'a> {
+    Entry(#[serde(borrow)] StoredEntryRef<'a>),
+    Vary {
+        #[serde(borrow)]
+        names: Vec<&'a str>,
+        nonce: u64,
+    },
+    Pass {
+        until_ms: u64,
+    },
+}
+
+/// [`StoredEntry`], borrowed; same fields in the same order (postcard encodes no names).
+#[derive(Deserialize)]
+struct StoredEntryRef<'a> {
+    status: u16,
+    #[serde(borrow)]
+    headers: Vec<(&'a str, &'a [u8])>,
+    body: &'a [u8],
+    response_time_ms: u64,
+    fresh_until_ms: u64,
+    stale_while_revalidate_until_ms: u64,
+    stale_if_error_until_ms: u64,
+    initial_age_ms: u64,
+    never_stale: bool,
+    honours_max_stale: bool,
+    #[serde(borrow)]
+    variant: Vec<(&'a str, Vec<&'a [u8]>)>,
     tags: Vec<String>,
 }
 
@@ -190,10 +225,10 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
     } else {
         return Err(CodecError::Payload);
     };
-    let stored: Stored = postcard::from_bytes(payload).map_err(|_| CodecError::Payload)?;
+    let stored: StoredRef<'_> = postcard::from_bytes(payload).map_err(|_| CodecError::Payload)?;
     match stored {
-        Stored::Pass { until_ms } => Ok(Slot::Pass(instant(until_ms))),
-        Stored::Vary { names, nonce } => {
+        StoredRef::Pass { until_ms } => Ok(Slot::Pass(instant(until_ms))),
+        StoredRef::Vary { names, nonce } => {
             let names = names
                 .iter()
                 .map(|n| HeaderName::from_bytes(n.as_bytes()))
@@ -201,16 +236,23 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
                 .map_err(|_| CodecError::Payload)?;
             Ok(Slot::Vary(std::sync::Arc::new(VaryRecord { names, nonce })))
         }
-        Stored::Entry(e) => {
+        StoredRef::Entry(e) => {
             if e.body.len() as u64 > max_body {
                 return Err(CodecError::TooLarge);
             }
             let status = StatusCode::from_u16(e.status).map_err(|_| CodecError::Payload)?;
-            let mut headers = HeaderMap::with_capacity(e.headers.len());
+            // The values in one buffer: one allocation, and an entry that owns exactly its bytes.
+            let mut values =
+                BytesMut::with_capacity(e.headers.iter().map(|(_, value)| value.len()).sum());
+            for (_, value) in &e.headers {
+                values.extend_from_slice(value);
+            }
+            let mut values = values.freeze();
+            let mut headers = HeaderMap::with_capacity(e.headers.len() + STORED_MAP_ROOM);
             for (name, value) in &e.headers {
                 let name =
                     HeaderName::from_bytes(name.as_bytes()).map_err(|_| CodecError::Payload)?;
-                let value = HeaderValue::from_maybe_shared(value.clone())
+                let value = HeaderValue::from_maybe_shared(values.split_to(value.len()))
                     .map_err(|_| CodecError::Payload)?;
                 headers.append(name, value);
             }
@@ -220,7 +262,7 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
                     HeaderName::from_bytes(name.as_bytes()).map_err(|_| CodecError::Payload)?;
                 let values = values
                     .into_iter()
-                    .map(HeaderValue::from_maybe_shared)
+                    .map(HeaderValue::from_bytes)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|_| CodecError::Payload)?;
                 variant.push((name, values));
@@ -237,10 +279,10 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
                 variant,
                 tags: e.tags,
             };
-            let entry = Entry::new(
+            let entry = Entry::from_stored(
                 status,
-                &headers,
-                e.body,
+                headers,
+                Bytes::copy_from_slice(e.body),
                 instant(e.response_time_ms),
                 admission,
             );
@@ -335,5 +377,42 @@ mod tests {
         let mut flipped = good.clone();
         flipped[3] = 7;
         assert!(decode(&flipped, 1024).is_err());
+    }
+
+    /// A value written by something else (or tampered with) cannot make an answer's framing lie.
+    #[test]
+    fn decoded_entries_are_framed_by_their_body() {
+        let field =
+            |name: &str, value: &'static [u8]| (name.to_string(), Bytes::from_static(value));
+        let stored = Stored::Entry(StoredEntry {
+            status: 200,
+            headers: vec![
+                field("content-length", b"999"),
+                field("transfer-encoding", b"chunked"),
+                field("age", b"77"),
+                field("content-type", b"text/plain"),
+            ],
+            body: Bytes::from_static(b"hello"),
+            response_time_ms: 0,
+            fresh_until_ms: 0,
+            stale_while_revalidate_until_ms: 0,
+            stale_if_error_until_ms: 0,
+            initial_age_ms: 0,
+            never_stale: false,
+            honours_max_stale: false,
+            variant: Vec::new(),
+            tags: Vec::new(),
+        });
+        let mut value = MAGIC.to_vec();
+        value.extend_from_slice(&[VERSION, 0]);
+        value.extend(postcard::to_allocvec(&stored).unwrap_or_default());
+        let Ok(Slot::Entry(entry)) = decode(&value, 1024) else {
+            panic!("not decoded as an entry");
+        };
+        assert_eq!(entry.headers[http::header::CONTENT_LENGTH], "5");
+        assert_eq!(entry.headers[http::header::CONTENT_TYPE], "text/plain");
+        assert!(entry.headers.get(http::header::TRANSFER_ENCODING).is_none());
+        assert!(entry.headers.get(http::header::AGE).is_none());
+        assert_eq!(entry.body, "hello");
     }
 }

@@ -17,6 +17,9 @@ const FIELD_BOOKKEEPING: usize = 40;
 /// Fields every answer from an entry adds (`Age`, `Via`, `X-Cache`, `Cache-Status`): a stored map
 /// has index room for them, so a hit's copy of it takes them without rebuilding its hash index.
 const ANSWER_FIELDS: usize = 4;
+/// Room a map being built into a stored one needs beyond its fields: `Content-Length`, and the
+/// answer's fields.
+pub const STORED_MAP_ROOM: usize = 1 + ANSWER_FIELDS;
 
 #[derive(Debug)]
 pub struct Entry {
@@ -63,6 +66,52 @@ impl Entry {
         response_time: SystemTime,
         admission: Admission,
     ) -> Entry {
+        let headers = stored_headers(headers, body.len());
+        Entry::assemble(status, headers, body, response_time, admission)
+    }
+
+    /// An entry from header fields that were stored before (decoded from L2): no copy of the
+    /// values, which the decoder already made into one buffer. `headers` should have room for
+    /// [`STORED_MAP_ROOM`] more fields than it holds. The per-answer and framing fields are
+    /// dropped and `Content-Length` set to the body's, so even a tampered value frames correctly.
+    pub fn from_stored(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        response_time: SystemTime,
+        admission: Admission,
+    ) -> Entry {
+        if headers
+            .keys()
+            .any(|name| name == header::AGE || name == header::TRANSFER_ENCODING)
+        {
+            headers.remove(header::AGE);
+            headers.remove(header::TRANSFER_ENCODING);
+        }
+        // Usually the stored length is the body's already: kept, not allocated again.
+        let mut digits = itoa::Buffer::new();
+        let length = digits.format(body.len());
+        let stored_length = headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .map(HeaderValue::as_bytes);
+        if !stored_length.eq([length.as_bytes()]) {
+            if let Ok(value) = HeaderValue::from_str(length) {
+                headers.insert(header::CONTENT_LENGTH, value);
+            }
+        }
+        // As in `stored_headers`: the clone keeps the index room, sizes the field list exactly.
+        let headers = headers.clone();
+        Entry::assemble(status, headers, body, response_time, admission)
+    }
+
+    fn assemble(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        response_time: SystemTime,
+        admission: Admission,
+    ) -> Entry {
         let Admission {
             lifetime,
             never_stale,
@@ -70,7 +119,6 @@ impl Entry {
             variant,
             tags,
         } = admission;
-        let headers = stored_headers(headers, body.len());
         let etag = headers.get(header::ETAG).cloned();
         let last_modified = headers
             .get(header::LAST_MODIFIED)
@@ -221,10 +269,12 @@ impl Entry {
 /// `Transfer-Encoding` dropped, `Content-Length` set to the body's, every value copied into one
 /// shared buffer (hyper's values are slices of a connection's read buffer, which a stored slice
 /// would keep alive, unweighed; one buffer is one allocation where a copy per value would be ten).
+/// Fields an entry keeps: `Age` is recomputed on every answer, and the framing is the stored body's.
+fn kept(name: &HeaderName) -> bool {
+    name != header::AGE && name != header::TRANSFER_ENCODING && name != header::CONTENT_LENGTH
+}
+
 fn stored_headers(headers: &HeaderMap, body_len: usize) -> HeaderMap {
-    let kept = |name: &HeaderName| {
-        name != header::AGE && name != header::TRANSFER_ENCODING && name != header::CONTENT_LENGTH
-    };
     let mut buffer = bytes::BytesMut::with_capacity(
         headers
             .iter()
@@ -236,7 +286,7 @@ fn stored_headers(headers: &HeaderMap, body_len: usize) -> HeaderMap {
         buffer.extend_from_slice(value.as_bytes());
     }
     let mut buffer = buffer.freeze();
-    let mut stored = HeaderMap::with_capacity(headers.len() + 1 + ANSWER_FIELDS);
+    let mut stored = HeaderMap::with_capacity(headers.len() + STORED_MAP_ROOM);
     for (name, value) in headers.iter().filter(|(name, _)| kept(name)) {
         let bytes = buffer.split_to(value.len());
         let mut copy =

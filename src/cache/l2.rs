@@ -328,7 +328,9 @@ impl L2 {
         let client = store.pool.next_connected().with_options(&self.options);
         let started = Instant::now();
         // Outer None: the call failed; inner None: no such key.
-        let reply: Option<Option<Bytes>> = self.call(store, client.get(redis_key.as_str())).await;
+        // Boxed: fred's command future is large, and `call` and its timeout would each move it.
+        let command = Box::pin(client.get(redis_key.as_str()));
+        let reply: Option<Option<Bytes>> = self.call(store, command).await;
         self.stats.latency.observe(started.elapsed());
         let value = reply.flatten()?;
         match decode_off_runtime(value.clone(), self.max_body).await {
