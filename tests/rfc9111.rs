@@ -252,9 +252,9 @@ async fn vary_variants_are_stored_side_by_side() {
     assert_not_stored(&proxy, &origin, "/vary-star", &[]).await;
 }
 
-/// An origin whose answers vary on `Accept-Encoding` and name the field lines it received.
-async fn encoding_echo_origin() -> MockOrigin {
-    MockOrigin::start(|r| {
+/// An origin whose answers carry `Vary: vary` and name the `Accept-Encoding` lines it received.
+async fn encoding_echo_origin(vary: &'static str) -> MockOrigin {
+    MockOrigin::start(move |r| {
         let ae: Vec<&str> = r
             .headers
             .get_all("accept-encoding")
@@ -263,7 +263,7 @@ async fn encoding_echo_origin() -> MockOrigin {
             .collect();
         Reply::ok(format!("body-{}", ae.join("|")))
             .cc("max-age=60")
-            .header("vary", "Accept-Encoding")
+            .header("vary", vary)
     })
     .await
 }
@@ -272,7 +272,7 @@ async fn encoding_echo_origin() -> MockOrigin {
 /// the client accepts; the origin is asked with that class, and one variant serves the whole class.
 #[tokio::test]
 async fn accept_encoding_classes_share_variants() {
-    let origin = encoding_echo_origin().await;
+    let origin = encoding_echo_origin("Accept-Encoding").await;
     let proxy = TestProxy::start(&origin.url(), &[]).await;
     let url = proxy.url("/classes");
     let expect = |r: &Resp, x_cache: &str, body: &str| {
@@ -306,7 +306,7 @@ async fn accept_encoding_classes_share_variants() {
 
 #[tokio::test]
 async fn accept_encoding_reaches_the_origin_as_sent_when_normalization_is_off() {
-    let origin = encoding_echo_origin().await;
+    let origin = encoding_echo_origin("Accept-Encoding").await;
     let proxy = TestProxy::start(&origin.url(), &[("NORMALIZE_ACCEPT_ENCODING", "off")]).await;
     let url = proxy.url("/as-sent");
 
@@ -329,19 +329,8 @@ async fn accept_encoding_reaches_the_origin_as_sent_when_normalization_is_off() 
 /// or an absent field against an empty one, is another variant.
 #[tokio::test]
 async fn vary_matches_selecting_fields_as_normalized() {
-    let origin = MockOrigin::start(|r| {
-        let ae: Vec<&str> = r
-            .headers
-            .get_all("accept-encoding")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        Reply::ok(format!("body-{}", ae.join("|")))
-            .cc("max-age=60")
-            .header("vary", "Accept-Encoding, Accept-Language")
-    })
-    .await;
-    // RFC matching alone: the classes of NORMALIZE_ACCEPT_ENCODING would merge more (tested below).
+    let origin = encoding_echo_origin("Accept-Encoding, Accept-Language").await;
+    // RFC matching alone: the classes of NORMALIZE_ACCEPT_ENCODING would merge more (tested above).
     let proxy = TestProxy::start(&origin.url(), &[("NORMALIZE_ACCEPT_ENCODING", "false")]).await;
     let url = proxy.url("/vary-normal");
 
