@@ -28,8 +28,8 @@ const ZSTD: usize = 2;
 /// Replaces the request's `Accept-Encoding` with its class, when it has one (see [`class_of`]).
 pub fn normalize(headers: &mut HeaderMap) {
     if let Some(class) = class_of(headers) {
-        if headers.get(ACCEPT_ENCODING) != Some(class) {
-            // `insert` also drops any further field lines.
+        // Already the class on one line: nothing to do. Otherwise `insert` replaces every line.
+        if !headers.get_all(ACCEPT_ENCODING).iter().eq([class]) {
             headers.insert(ACCEPT_ENCODING, class.clone());
         }
     }
@@ -170,6 +170,13 @@ mod tests {
         let mut two_lines = headers(&[("accept-encoding", "gzip"), ("accept-encoding", "br")]);
         normalize(&mut two_lines);
         let values: Vec<_> = two_lines.get_all(ACCEPT_ENCODING).iter().collect();
+        assert_eq!(values, ["br, gzip"]);
+
+        // A first line that already spells the class does not keep the lines after it.
+        let mut class_first =
+            headers(&[("accept-encoding", "br, gzip"), ("accept-encoding", "gzip")]);
+        normalize(&mut class_first);
+        let values: Vec<_> = class_first.get_all(ACCEPT_ENCODING).iter().collect();
         assert_eq!(values, ["br, gzip"]);
 
         let mut none = headers(&[("accept", "*/*")]);
