@@ -215,7 +215,10 @@ pin_project_lite::pin_project! {
         work: F,
         proxy: Proxy,
         started: Instant,
-        logged: Option<Logged>,
+        // Boxed: the access line's facts take 152 bytes. Without them a coalesced follower's
+        // boxed future is 1,024 bytes, within the 1,032 that glibc's per-thread cache serves;
+        // with them, its allocation took 580 instructions instead of 355 (callgrind, 64 clients).
+        logged: Option<Box<Logged>>,
     }
 }
 
@@ -231,7 +234,7 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Accounted<F> {
             &response,
             status,
             *this.started,
-            logged.as_ref().map(Logged::line),
+            logged.as_deref().map(Logged::line),
         );
         Poll::Ready(response)
     }
@@ -363,9 +366,11 @@ impl Proxy {
                     .forward(parts, ProxyBody::empty(), &target, stored, fwd)
                     .await
             }),
-            Wait::Coalesce { stored, fwd } => self.later(started, logged, async move {
-                proxy.fetch_coalesced(parts, target, stored, fwd).await
-            }),
+            Wait::Coalesce { stored, fwd } => self.later(
+                started,
+                logged,
+                proxy.fetch_coalesced(parts, target, stored, fwd),
+            ),
             Wait::OnlyIfCached(directives) => self.later(started, logged, async move {
                 proxy.only_if_cached(&parts, &target, &directives).await
             }),
@@ -408,12 +413,13 @@ impl Proxy {
         logged: Option<Logged>,
         work: impl Future<Output = Response<ProxyBody>> + Send + 'static,
     ) -> Answer {
-        Answer::Later(Box::pin(Accounted {
+        let accounted = Accounted {
             work,
             proxy: self.clone(),
             started,
-            logged,
-        }))
+            logged: logged.map(Box::new),
+        };
+        Answer::Later(Box::pin(accounted))
     }
 
     /// The request's host and cache key, or why it names no single valid host (a 400).
@@ -469,7 +475,7 @@ impl Proxy {
                 Box::pin(self.forward(parts, ProxyBody::empty(), &target, stored, fwd)).await
             }
             Plan::Wait(Wait::Coalesce { stored, fwd }) => {
-                Box::pin(self.fetch_coalesced(parts, target, stored, fwd)).await
+                Box::pin(self.clone().fetch_coalesced(parts, target, stored, fwd)).await
             }
             Plan::Wait(Wait::OnlyIfCached(directives)) => {
                 Box::pin(self.only_if_cached(&parts, &target, &directives)).await
@@ -582,7 +588,7 @@ impl Proxy {
 
     /// A miss (or a stale entry that must be revalidated): one leader per key goes to the origin.
     async fn fetch_coalesced(
-        &self,
+        self,
         parts: Parts,
         target: Target,
         stored: Option<Arc<Entry>>,
@@ -595,8 +601,9 @@ impl Proxy {
                 .coalescer
                 .join(&target.key, inner.purge_log.generation())
             {
+                // Boxed: inline, the leader's state would make every follower's future larger.
                 Join::Leader(permit) => {
-                    return self.lead_detached(parts, target, stored, permit, fwd).await
+                    return Box::pin(self.lead_detached(parts, target, stored, permit, fwd)).await
                 }
                 Join::Follower(follower) => follower,
             };
