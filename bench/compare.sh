@@ -17,7 +17,7 @@
 #                 SERVER_CPU, with redis-server on BACKEND_CPU
 #   BACKEND_CPU   core of the origin and of redis-server (default: LOAD_CPU, so SERVER_CPU holds
 #                 nothing but the server under test)
-#   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+8)
+#   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+10)
 #   SERVERS       which parts run (default "nginx varnish ceiling strata l2"; l2 = redis + Strata L2)
 #   STRATA_BUILD  0 skips `cargo build --release` and uses the existing target/release/strata
 #   MEMORY_MB     CACHE_SIZE_MB of the memory scenario (default 256; 0 skips it)
@@ -42,6 +42,11 @@
 # requests); pass-through is also run with proxy_cache_lock off (see below) and the better result is
 # compared. Varnish has the builtin VCL (`-b`), malloc storage, default parameters and its working
 # directory on tmpfs (/dev/shm) as Varnish recommends.
+#
+# Logging alike: nginx runs with access_log off, Varnish keeps only its in-memory log (nothing reads
+# it here) and the ceiling logs nothing, so Strata runs with its access log off too
+# (RUST_LOG=info,strata::access=off). Strata's default, the access log on, is measured beside it for
+# 1 KiB hits as "strata-log" (lines written to a file), so what the log costs is in the table.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -69,6 +74,8 @@ STRATA_ADMIN_PORT=$((PORT_BASE + 5))
 VARNISH_ADMIN_PORT=$((PORT_BASE + 6))
 REDIS_PORT=$((PORT_BASE + 7))
 NGINX_NOLOCK_PORT=$((PORT_BASE + 8))
+STRATA_LOG_PORT=$((PORT_BASE + 9))
+STRATA_LOG_ADMIN_PORT=$((PORT_BASE + 10))
 ORIGIN="127.0.0.1:$ORIGIN_PORT"
 
 DEPS=$ROOT/target/bench-deps
@@ -406,7 +413,8 @@ if want ceiling; then
 fi
 
 # --- Strata (L1) -----------------------------------------------------------------------------------
-STRATA_ENV=(ORIGIN_URL="http://$ORIGIN" LISTEN_ADDR="127.0.0.1:$STRATA_PORT" ADMIN_ADDR="127.0.0.1:$STRATA_ADMIN_PORT")
+STRATA_ENV=(ORIGIN_URL="http://$ORIGIN" LISTEN_ADDR="127.0.0.1:$STRATA_PORT" ADMIN_ADDR="127.0.0.1:$STRATA_ADMIN_PORT"
+    RUST_LOG="info,strata::access=off")
 STRATA_PID=
 if want strata; then
     start_on "$SERVER_CPU" "$RUN/strata-l1.log" env "${STRATA_ENV[@]}" "$STRATA"
@@ -415,6 +423,13 @@ if want strata; then
     serving strata "$STRATA_PORT"
     xc=$(curl -s -o /dev/null -D - "http://127.0.0.1:$STRATA_PORT/1k" | awk -F': ' 'tolower($1) == "x-cache" {print $2}' | tr -d '\r' || true)
     [[ $xc == HIT-L1 ]] || log "warning: strata answered /1k with X-Cache: $xc after warming (expected HIT-L1)"
+    # The default configuration, access log on: 1 KiB hits only, to show what the log costs.
+    start_on "$SERVER_CPU" "$RUN/strata-log.log" env ORIGIN_URL="http://$ORIGIN" LISTEN_ADDR="127.0.0.1:$STRATA_LOG_PORT" \
+        ADMIN_ADDR="127.0.0.1:$STRATA_LOG_ADMIN_PORT" "$STRATA"
+    wait_http "http://127.0.0.1:$STRATA_LOG_ADMIN_PORT/ready" "$STARTED" "$RUN/strata-log.log" || die "strata (access log on) did not start"
+    SERVER_PIDS[strata-log]=$STARTED
+    warm "http://127.0.0.1:$STRATA_LOG_PORT/1k"
+    HIT_1K+=("strata-log=http://127.0.0.1:$STRATA_LOG_PORT/1k")
 fi
 
 # --- The rounds ------------------------------------------------------------------------------------
@@ -562,7 +577,7 @@ report() {
             l2_c1) label="1 KiB L2 hit, 1 connection" ;;
             pass) label="pass-through (no-store)" ;;
         esac
-        for server in nginx nginx-nolock varnish ceiling strata origin; do
+        for server in nginx nginx-nolock varnish ceiling strata strata-log origin; do
             [[ -n ${RPS[$scenario,$server]:-} ]] || continue
             printf '| %s | %s | %s | %s | %s | %s |\n' "$label" "$server" "${RPS[$scenario,$server]}" \
                 "$(fmt_ms "${P50[$scenario,$server]}")" "$(fmt_ms "${P99[$scenario,$server]}")" "${NOTE[$scenario,$server]%; }"
@@ -588,6 +603,8 @@ report() {
     echo
     echo "Strata/nginx for pass-through compares against the better of nginx with proxy_cache_lock on and off:"
     echo "with the lock on, concurrent requests for an uncacheable URL wait for the lock holder and poll every 500 ms."
+    echo "Strata runs with its access log off, as nginx does here (access_log off); strata-log is Strata's"
+    echo "default, the access log on, written to a file."
     echo
     echo "The ratios above (and the verdicts below) put each server's best run against the other's. Round by"
     echo "round, the two ran minutes apart at most; these are the ratios of each round and their median:"
@@ -596,6 +613,7 @@ report() {
     echo "|---|---|--:|"
     local pair rr
     for pair in "l1_1k strata ceiling 1 KiB L1 hit, Strata/ceiling" "l1_1k strata nginx 1 KiB L1 hit, Strata/nginx" \
+        "l1_1k strata-log ceiling 1 KiB L1 hit, Strata with its access log on/ceiling" \
         "l1_100k strata ceiling 100 KiB L1 hit, Strata/ceiling" "pass strata origin pass-through, Strata/origin direct" \
         "pass nginx-nolock origin pass-through, nginx (lock off)/origin direct"; do
         read -r scenario a b label <<<"$pair"
