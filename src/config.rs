@@ -22,6 +22,7 @@ pub const CACHE_LOCK_TIMEOUT: &str = "CACHE_LOCK_TIMEOUT";
 pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
 pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const TUNNEL_IDLE_TIMEOUT: &str = "TUNNEL_IDLE_TIMEOUT";
+pub const ORIGIN_IDLE_TIMEOUT: &str = "ORIGIN_IDLE_TIMEOUT";
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -71,6 +72,9 @@ pub struct RawArgs {
     /// Origin deadline: time to response headers, and longest silence while reading its body.
     #[arg(long, env = ORIGIN_TIMEOUT, value_name = ORIGIN_TIMEOUT, default_value = "30s")]
     pub origin_timeout: String,
+    /// A kept-alive origin connection idle this long is closed rather than reused.
+    #[arg(long, env = ORIGIN_IDLE_TIMEOUT, value_name = ORIGIN_IDLE_TIMEOUT, default_value = "55s")]
+    pub origin_idle_timeout: String,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = SHUTDOWN_TIMEOUT, value_name = SHUTDOWN_TIMEOUT, default_value = "30s")]
     pub shutdown_timeout: String,
@@ -137,6 +141,7 @@ pub struct Config {
     pub stale_if_error: Duration,
     pub lock_timeout: Duration,
     pub origin_timeout: Duration,
+    pub origin_idle_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
     pub log_format: LogFormat,
@@ -235,6 +240,7 @@ const FLAGS: &[(&str, &str)] = &[
     (CACHE_STALE_IF_ERROR, "--cache-stale-if-error"),
     (CACHE_LOCK_TIMEOUT, "--cache-lock-timeout"),
     (ORIGIN_TIMEOUT, "--origin-timeout"),
+    (ORIGIN_IDLE_TIMEOUT, "--origin-idle-timeout"),
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (TUNNEL_IDLE_TIMEOUT, "--tunnel-idle-timeout"),
     (LOG_FORMAT, "--log-format"),
@@ -330,6 +336,10 @@ impl Config {
             stale_if_error: parse_duration(CACHE_STALE_IF_ERROR, &raw.cache_stale_if_error)?,
             lock_timeout: parse_duration(CACHE_LOCK_TIMEOUT, &raw.cache_lock_timeout)?,
             origin_timeout: parse_positive_duration(ORIGIN_TIMEOUT, &raw.origin_timeout)?,
+            origin_idle_timeout: parse_positive_duration(
+                ORIGIN_IDLE_TIMEOUT,
+                &raw.origin_idle_timeout,
+            )?,
             shutdown_timeout: parse_duration(SHUTDOWN_TIMEOUT, &raw.shutdown_timeout)?,
             tunnel_idle_timeout: parse_positive_duration(
                 TUNNEL_IDLE_TIMEOUT,
@@ -605,6 +615,7 @@ mod tests {
         assert_eq!(c.max_object_bytes, 8 * 1024 * 1024);
         assert_eq!(c.lock_timeout, Duration::from_secs(5));
         assert_eq!(c.origin_timeout, Duration::from_secs(30));
+        assert_eq!(c.origin_idle_timeout, Duration::from_secs(55));
         assert_eq!(c.tunnel_idle_timeout, Duration::from_secs(300));
         assert_eq!(c.fallback_max_age, None);
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8080");

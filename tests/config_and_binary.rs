@@ -148,7 +148,7 @@ fn durations_parse_in_operator_units() {
 
 #[test]
 fn from_vars_errors_name_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 7] = [
+    let cases: [(&[(&str, &str)], &str); 8] = [
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
             "CACHE_SIZE_MB",
@@ -166,6 +166,10 @@ fn from_vars_errors_name_the_variable() {
         (
             &[("ORIGIN_URL", "http://o"), ("TUNNEL_IDLE_TIMEOUT", "0s")],
             "TUNNEL_IDLE_TIMEOUT",
+        ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("ORIGIN_IDLE_TIMEOUT", "0s")],
+            "ORIGIN_IDLE_TIMEOUT",
         ),
         (
             &[

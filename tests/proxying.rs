@@ -529,6 +529,33 @@ async fn pooled_connections_the_origin_dropped_are_replaced() {
     assert_eq!(proxy.stats().origin_errors, 0);
 }
 
+/// A kept-alive connection idle for longer than `ORIGIN_IDLE_TIMEOUT` is closed by Strata, not
+/// reused (origins and load balancers drop quiet connections; a request sent on one as it goes
+/// fails), and the next request opens a new one.
+#[tokio::test]
+async fn origin_connections_idle_past_the_timeout_are_closed() {
+    let origin = MockOrigin::fixed("still here", "no-store").await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_IDLE_TIMEOUT", "300ms")]).await;
+    let first_sent = Instant::now();
+    assert_eq!(get(&proxy.url("/a"), &[]).await.status, 200);
+
+    wait_until("the idle connection to expire", || {
+        proxy.stats().origin_idle_connections == 0
+    })
+    .await;
+    assert!(
+        first_sent.elapsed() >= Duration::from_millis(300),
+        "closed after {:?}, before ORIGIN_IDLE_TIMEOUT",
+        first_sent.elapsed()
+    );
+    let r = get(&proxy.url("/b"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "still here");
+    assert_eq!(origin.connections(), 2);
+    assert_eq!(proxy.stats().origin_connections, 2);
+    assert_eq!(proxy.stats().origin_errors, 0);
+}
+
 /// A response whose client left before its end leaves unread bytes on the origin connection: that
 /// connection is closed, never pooled, and the next request gets a clean one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,9 +29,6 @@ use crate::config::Config;
 
 /// Idle connections kept open at most (the newest are kept; more are closed when they come back).
 const MAX_IDLE: usize = 1024;
-/// An idle connection older than this is closed rather than reused: origins and load balancers in
-/// between drop quiet connections after a while, and a request sent on one of those fails.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a request waits for a returned connection that is not ready yet (see `checkout`).
 const BUSY_GRACE: Duration = Duration::from_millis(50);
 /// A kept-alive connection idle this long may be closed by the origin just as a request goes out
@@ -94,7 +91,10 @@ impl Origin {
         let authority = HeaderValue::from_str(authority.as_str())
             .map_err(|_| invalid("ORIGIN_URL has an invalid host"))?;
         let prefix = config.origin.path().trim_end_matches('/').to_string();
-        let idle = Arc::new(IdlePool::default());
+        // An idle connection older than ORIGIN_IDLE_TIMEOUT is closed rather than reused: origins
+        // and load balancers in between drop quiet connections after a while, and a request sent
+        // on one of those as they do fails.
+        let idle = Arc::new(IdlePool::new(config.origin_idle_timeout));
         IdlePool::sweep_in_background(&idle);
         Ok(Origin {
             connector,
@@ -310,13 +310,22 @@ struct Idle {
 }
 
 /// Idle connections, oldest first (each comes back at the end with the time it came back, so the
-/// stack stays sorted by `since`).
-#[derive(Default)]
-struct IdlePool(Mutex<Vec<Idle>>);
+/// stack stays sorted by `since`), and how long one may stay.
+struct IdlePool {
+    idle: Mutex<Vec<Idle>>,
+    timeout: Duration,
+}
 
 impl IdlePool {
+    fn new(timeout: Duration) -> IdlePool {
+        IdlePool {
+            idle: Mutex::new(Vec::new()),
+            timeout,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The most recently used connection that can take a request now, and how long it sat idle.
@@ -328,7 +337,7 @@ impl IdlePool {
         let now = Instant::now();
         let busy = {
             let mut idle = self.lock();
-            Self::expire(&mut idle, now);
+            self.expire(&mut idle, now);
             if let Some(ready) = idle.iter().rposition(|entry| entry.sender.is_ready()) {
                 let entry = idle.remove(ready);
                 return Some((entry.sender, now.saturating_duration_since(entry.since)));
@@ -351,7 +360,7 @@ impl IdlePool {
         let mut idle = self.lock();
         // Read under the lock, so that the stack stays sorted by `since`.
         let now = Instant::now();
-        Self::expire(&mut idle, now);
+        self.expire(&mut idle, now);
         if idle.len() >= MAX_IDLE {
             // Connections the origin closed (its keep-alive timeout) must not crowd out live ones.
             idle.retain(|entry| !entry.sender.is_closed());
@@ -361,9 +370,9 @@ impl IdlePool {
         }
     }
 
-    /// Drops (closes) connections idle for longer than `IDLE_TIMEOUT`: a prefix of the stack.
-    fn expire(idle: &mut Vec<Idle>, now: Instant) {
-        let expired = |entry: &Idle| now.saturating_duration_since(entry.since) > IDLE_TIMEOUT;
+    /// Drops (closes) connections idle for longer than the timeout: a prefix of the stack.
+    fn expire(&self, idle: &mut Vec<Idle>, now: Instant) {
+        let expired = |entry: &Idle| now.saturating_duration_since(entry.since) > self.timeout;
         if idle.first().is_some_and(expired) {
             let fresh = idle.partition_point(expired);
             idle.drain(..fresh);
@@ -375,15 +384,16 @@ impl IdlePool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // no runtime (a configuration check): requests expire connections themselves
         };
+        let every = pool.timeout / 3;
         let pool = Arc::downgrade(pool);
         runtime.spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
                 let mut idle = pool.lock();
-                Self::expire(&mut idle, Instant::now());
+                pool.expire(&mut idle, Instant::now());
                 idle.retain(|entry| !entry.sender.is_closed());
             }
         });
