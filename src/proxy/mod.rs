@@ -413,13 +413,12 @@ impl Proxy {
         logged: Option<Logged>,
         work: impl Future<Output = Response<ProxyBody>> + Send + 'static,
     ) -> Answer {
-        let accounted = Accounted {
+        Answer::Later(Box::pin(Accounted {
             work,
             proxy: self.clone(),
             started,
             logged: logged.map(Box::new),
-        };
-        Answer::Later(Box::pin(accounted))
+        }))
     }
 
     /// The request's host and cache key, or why it names no single valid host (a 400).
