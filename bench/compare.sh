@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Peer comparison: Strata against nginx proxy_cache, Varnish and a bare hyper server (the ceiling of
-# Strata's own stack), side by side on the same core and measured in turn (interleaved rounds), with
-# the load generator on another core.
+# Strata's own stack; for pass-through, a bare hyper reverse proxy), side by side on the same core and
+# measured in turn (interleaved rounds), with the load generator on another core.
 #
 #   bash bench/compare.sh                       # DURATION=10s CONNECTIONS=64
 #   DURATION=5s CONNECTIONS=128 bash bench/compare.sh
@@ -17,7 +17,7 @@
 #                 SERVER_CPU, with redis-server on BACKEND_CPU
 #   BACKEND_CPU   core of the origin and of redis-server (default: LOAD_CPU, so SERVER_CPU holds
 #                 nothing but the server under test)
-#   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+10)
+#   PORT_BASE     first of the 127.0.0.1 ports used (default 18000; PORT_BASE..PORT_BASE+11)
 #   SERVERS       which parts run (default "nginx varnish ceiling strata l2"; l2 = redis + Strata L2)
 #   STRATA_BUILD  0 skips `cargo build --release` and uses the existing target/release/strata
 #   MEMORY_MB     CACHE_SIZE_MB of the memory scenario (default 256; 0 skips it)
@@ -28,7 +28,9 @@
 #   1 KiB and 100 KiB L1 hits     nginx, Varnish, ceiling, Strata
 #   L2 hits                       Strata with CACHE_SIZE_MB=0 + a local redis-server, against
 #                                 redis-benchmark GET of a 1 KiB value (CONNECTIONS clients, and 1)
-#   pass-through of /pass         nginx, Varnish, Strata, and the origin hit directly
+#   pass-through of /pass         nginx, Varnish, the proxy ceiling (a minimal hyper reverse proxy:
+#                                 hyper-util's pooled client, no cache, no header rewriting), Strata,
+#                                 and the origin hit directly
 #   cold-key stampede             STAMPEDE_N concurrent GETs of one fresh 100 ms key: origin requests
 #   memory                        Strata with CACHE_SIZE_MB=MEMORY_MB filled with distinct 1 KiB, then
 #                                 100 KiB objects until L1 evicts: peak resident size (VmHWM)
@@ -76,6 +78,7 @@ REDIS_PORT=$((PORT_BASE + 7))
 NGINX_NOLOCK_PORT=$((PORT_BASE + 8))
 STRATA_LOG_PORT=$((PORT_BASE + 9))
 STRATA_LOG_ADMIN_PORT=$((PORT_BASE + 10))
+PROXY_CEILING_PORT=$((PORT_BASE + 11))
 ORIGIN="127.0.0.1:$ORIGIN_PORT"
 
 DEPS=$ROOT/target/bench-deps
@@ -197,7 +200,8 @@ log "building origin + ceiling (bench/ceiling)"
 # ---------------------------------------------------------------------------------------------------
 rm -rf "$RUN"
 mkdir -p "$RUN"
-for p in $ORIGIN_PORT $NGINX_PORT $VARNISH_PORT $CEILING_PORT $STRATA_PORT $STRATA_ADMIN_PORT $VARNISH_ADMIN_PORT $REDIS_PORT $NGINX_NOLOCK_PORT; do
+for p in $ORIGIN_PORT $NGINX_PORT $VARNISH_PORT $CEILING_PORT $STRATA_PORT $STRATA_ADMIN_PORT $VARNISH_ADMIN_PORT $REDIS_PORT \
+    $NGINX_NOLOCK_PORT $STRATA_LOG_PORT $STRATA_LOG_ADMIN_PORT $PROXY_CEILING_PORT; do
     port_free "$p" || die "127.0.0.1:$p is in use; set PORT_BASE"
 done
 
@@ -410,6 +414,10 @@ if want ceiling; then
     SERVER_PIDS[ceiling]=$STARTED
     HIT_1K+=("ceiling=http://127.0.0.1:$CEILING_PORT/1k")
     HIT_100K+=("ceiling=http://127.0.0.1:$CEILING_PORT/100k")
+    # The pass-through ceiling: what passing a request through costs on this stack with no proxy logic.
+    start_on "$SERVER_CPU" "$RUN/proxy-ceiling.log" "$HELPERS/strata-proxy-ceiling" "127.0.0.1:$PROXY_CEILING_PORT" "$ORIGIN"
+    wait_http "http://127.0.0.1:$PROXY_CEILING_PORT/pass" "$STARTED" "$RUN/proxy-ceiling.log" || die "proxy ceiling did not start"
+    serving proxy-ceiling "$PROXY_CEILING_PORT" pass-only
 fi
 
 # --- Strata (L1) -----------------------------------------------------------------------------------
@@ -546,6 +554,10 @@ versions() {
     echo "$v"
 }
 
+ceiling_of() { # the ceiling a scenario is compared with: the bare server, or for pass-through the bare proxy
+    if [[ $1 == pass ]]; then echo proxy-ceiling; else echo ceiling; fi
+}
+
 best_nginx() { # the better nginx result of a scenario (pass-through is run with the lock on and off)
     local a=${RPS[$1,nginx]:-} b=${RPS[$1,nginx-nolock]:-}
     if [[ -n $b && (-z $a || $b -gt $a) ]]; then echo "$b"; else echo "$a"; fi
@@ -577,7 +589,7 @@ report() {
             l2_c1) label="1 KiB L2 hit, 1 connection" ;;
             pass) label="pass-through (no-store)" ;;
         esac
-        for server in nginx nginx-nolock varnish ceiling strata strata-log origin; do
+        for server in nginx nginx-nolock varnish ceiling proxy-ceiling strata strata-log origin; do
             [[ -n ${RPS[$scenario,$server]:-} ]] || continue
             printf '| %s | %s | %s | %s | %s | %s |\n' "$label" "$server" "${RPS[$scenario,$server]}" \
                 "$(fmt_ms "${P50[$scenario,$server]}")" "$(fmt_ms "${P99[$scenario,$server]}")" "${NOTE[$scenario,$server]%; }"
@@ -597,14 +609,15 @@ report() {
         printf '| %s | %s | %s | %s | %s |\n' "$label" \
             "$(ratio "${RPS[$scenario,strata]:-}" "$(best_nginx "$scenario")")" \
             "$(ratio "${RPS[$scenario,strata]:-}" "${RPS[$scenario,varnish]:-}")" \
-            "$(ratio "${RPS[$scenario,strata]:-}" "${RPS[$scenario,ceiling]:-}")" \
+            "$(ratio "${RPS[$scenario,strata]:-}" "${RPS[$scenario,$(ceiling_of "$scenario")]:-}")" \
             "$(ratio "${RPS[$scenario,strata]:-}" "${RPS[$scenario,origin]:-}")"
     done
     echo
     echo "Strata/nginx for pass-through compares against the better of nginx with proxy_cache_lock on and off:"
     echo "with the lock on, concurrent requests for an uncacheable URL wait for the lock holder and poll every 500 ms."
     echo "Strata runs with its access log off, as nginx does here (access_log off); strata-log is Strata's"
-    echo "default, the access log on, written to a file."
+    echo "default, the access log on, written to a file. For pass-through, the ceiling is proxy-ceiling: a"
+    echo "minimal hyper reverse proxy (hyper-util's pooled client, no cache, no header rewriting, no checks)."
     echo
     echo "The ratios above (and the verdicts below) put each server's best run against the other's. Round by"
     echo "round, the two ran minutes apart at most; these are the ratios of each round and their median:"
@@ -615,6 +628,8 @@ report() {
     for pair in "l1_1k strata ceiling 1 KiB L1 hit, Strata/ceiling" "l1_1k strata nginx 1 KiB L1 hit, Strata/nginx" \
         "l1_1k strata-log ceiling 1 KiB L1 hit, Strata with its access log on/ceiling" \
         "l1_100k strata ceiling 100 KiB L1 hit, Strata/ceiling" "pass strata origin pass-through, Strata/origin direct" \
+        "pass strata proxy-ceiling pass-through, Strata/proxy ceiling" \
+        "pass proxy-ceiling origin pass-through, proxy ceiling/origin direct" \
         "pass nginx-nolock origin pass-through, nginx (lock off)/origin direct"; do
         read -r scenario a b label <<<"$pair"
         rr=$(round_ratios "$scenario" "$a" "$b")
@@ -647,6 +662,8 @@ report() {
     r=$(num "${P50[l2_c1,strata]:-}"); [[ $r != n/a ]] && r=$(fmt_ms "$r")
     echo "| L2, 1 connection: p50 ≤ redis GET p50 + 0.2 ms (≤ $(num "$l2limit1") ms) | ${r} ms | $(check "$r" "<=" "$l2limit1") |"
     r=$(ratio "${RPS[pass,strata]:-}" "${RPS[pass,origin]:-}"); echo "| pass-through: ≥ 0.85× origin direct | ${r} | $(check "$r" ">=" 0.85) |"
+    r=$(ratio "${RPS[pass,proxy-ceiling]:-}" "${RPS[pass,origin]:-}")
+    echo "| (reference) pass-through, proxy ceiling: same target | ${r} | $(check "$r" ">=" 0.85) |"
     local memlimit object
     memlimit=$(awk -v m="$MEMORY_MB" 'BEGIN {printf "%.0f", 1.25 * m + 40}')
     for object in 1k 100k; do

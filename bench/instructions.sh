@@ -10,7 +10,7 @@
 # (default 1); counting is switched on after a warm-up request and off when wrk ends, so start-up
 # is left out. Scenarios:
 #   1 KiB L1 hit       ceiling, Strata
-#   pass-through       origin directly, Strata
+#   pass-through       origin directly, the proxy ceiling (bench/ceiling/src/bin/proxy.rs), Strata
 #   L2 (CACHE_SIZE_MB=0, local redis-server): Strata; concurrent requests for the key share one
 #                      Redis GET (coalescing), as in bench/compare.sh
 # Strata's access log is off here (RUST_LOG=info,strata::access=off): it is a choice of the
@@ -106,10 +106,6 @@ count() {
     echo $((collected / requests))
 }
 
-STRATA_ENV=(ORIGIN_URL="http://127.0.0.1:$ORIGIN_PORT" LISTEN_ADDR="127.0.0.1:$SERVER_PORT"
-    ADMIN_ADDR="127.0.0.1:$ADMIN_PORT" RUST_LOG=info,strata::access=off)
-READY="http://127.0.0.1:$ADMIN_PORT/ready"
-
 STRATA=$ROOT/target/release/strata
 STRATA_ENV=(ORIGIN_URL="http://127.0.0.1:$ORIGIN_PORT" LISTEN_ADDR="127.0.0.1:$SERVER_PORT"
     ADMIN_ADDR="127.0.0.1:$ADMIN_PORT" RUST_LOG=info,strata::access=off)
@@ -119,6 +115,9 @@ log "1 KiB hits: ceiling"
 ceiling=$(count ceiling "$SERVER_PORT" /1k "http://127.0.0.1:$SERVER_PORT/1k" "$HELPERS/strata-ceiling" "127.0.0.1:$SERVER_PORT")
 log "pass-through: origin directly"
 direct=$(count origin-direct "$SERVER_PORT" /pass "http://127.0.0.1:$SERVER_PORT/1k" "$HELPERS/strata-origin" "127.0.0.1:$SERVER_PORT")
+log "pass-through: proxy ceiling (minimal hyper reverse proxy)"
+bare_proxy=$(count proxy-ceiling "$SERVER_PORT" /pass "http://127.0.0.1:$SERVER_PORT/pass" "$HELPERS/strata-proxy-ceiling" \
+    "127.0.0.1:$SERVER_PORT" "127.0.0.1:$ORIGIN_PORT")
 SERVER_ENV=("${STRATA_ENV[@]}")
 log "1 KiB hits: strata"
 hit=$(count strata-hit "$SERVER_PORT" /1k "$READY" "$STRATA")
@@ -137,5 +136,6 @@ cat <<TABLE
 |---|--:|--:|--:|
 | 1 KiB L1 hit (peer: hyper ceiling) | $ceiling | $hit | $(ratio "$hit" "$ceiling") |
 | pass-through (peer: origin hit directly) | $direct | $pass | $(ratio "$pass" "$direct") |
+| pass-through (peer: proxy ceiling, a minimal hyper reverse proxy) | $bare_proxy | $pass | $(ratio "$pass" "$bare_proxy") |
 | L2 hit, CACHE_SIZE_MB=0 | | $l2 | |
 TABLE

@@ -16,20 +16,28 @@ use tokio::net::TcpListener;
 
 /// A deterministic body of `len` bytes (same bytes from the origin and from the ceiling).
 pub fn body(len: usize) -> Bytes {
-    (0..len).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// The listen address: first argument.
 pub fn listen_addr() -> SocketAddr {
-    let arg = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18000".into());
-    arg.parse().unwrap_or_else(|_| panic!("bad listen address {arg}"))
+    let arg = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:18000".into());
+    arg.parse()
+        .unwrap_or_else(|_| panic!("bad listen address {arg}"))
 }
 
 /// Accept loop with the same hyper-util auto builder (HTTP/1.1 + h2c) and timers Strata uses.
-pub fn serve<F, Fut>(addr: SocketAddr, handler: F)
+pub fn serve<F, Fut, B>(addr: SocketAddr, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

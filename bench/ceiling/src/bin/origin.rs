@@ -44,7 +44,10 @@ fn main() {
                     response(200, "no-store", small)
                 }
                 "/cold" => {
-                    let key = uri.path_and_query().map_or("/cold", |pq| pq.as_str()).to_owned();
+                    let key = uri
+                        .path_and_query()
+                        .map_or("/cold", |pq| pq.as_str())
+                        .to_owned();
                     *counts.cold.lock().expect("lock").entry(key).or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     response(200, "public, max-age=3600", small)
