@@ -1,6 +1,6 @@
 //! Microbenchmarks of the hit path and the L2 codec: cache-key building, the fresh-hit decision,
-//! the answer built from a stored entry, `Vary` variant selection, entry encode/decode with and without zstd, and L1 lookups
-//! from two threads.
+//! the answer built from a stored entry, `Vary` variant selection, entry encode/decode with and without zstd, L1 lookups
+//! from two threads, and a purge's scan of L1.
 //!
 //! `cargo bench --bench hot_path`. Absolute numbers depend on the machine; compare runs of one build
 //! against another on the same machine.
@@ -185,6 +185,29 @@ fn l1_get_from_two_threads(c: &mut Criterion) {
     });
 }
 
+/// A tag or pattern purge scans L1 in place; 200k entries, none of which match, so the scan is
+/// measured again and again on the same contents.
+fn l1_purge_scan(c: &mut Criterion) {
+    let l1 = L1::new(1 << 30, 8 << 20);
+    let shared = entry(Bytes::from_static(&[b'x'; 1024]));
+    for i in 0..200_000 {
+        l1.insert(
+            format!("shop.example.com/products/{i}"),
+            Slot::Entry(shared.clone()),
+        );
+    }
+    let mut group = c.benchmark_group("L1 purge scan");
+    group.sample_size(10);
+    group.bench_function("200k entries, tag matches none", |b| {
+        b.iter(|| {
+            black_box(l1.remove_where(
+                |_, slot| matches!(slot, Slot::Entry(e) if e.tags.iter().any(|t| t == "absent")),
+            ))
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     key_building,
@@ -192,6 +215,7 @@ criterion_group!(
     hit_answer,
     vary_selection,
     codec_round_trips,
-    l1_get_from_two_threads
+    l1_get_from_two_threads,
+    l1_purge_scan
 );
 criterion_main!(benches);

@@ -4,11 +4,13 @@
 //! shard, so the shard count is chosen from `CACHE_SIZE_MB` and `CACHE_MAX_OBJECT_MB`: a largest object
 //! takes at most half a shard.
 
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderName;
-use quick_cache::sync::Cache as QuickCache;
+use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use super::entry::Entry;
@@ -139,11 +141,60 @@ impl L1 {
         }
     }
 
-    /// Every key and slot, shard by shard (a purge's scan; never on the request path).
-    pub fn snapshot(&self) -> Vec<(String, Slot)> {
-        self.store
-            .as_ref()
-            .map_or_else(Vec::new, |s| s.iter().collect())
+    /// Removes every slot `doomed` picks, one shard at a time, in place: a purge's scan copies no
+    /// key (quick_cache's iterator would clone every key and take a lock per item, which for a
+    /// million entries meant a transient copy of some 100 MB and as many allocations). Each shard
+    /// is write-locked while it is scanned. Returns how many slots `doomed` picked.
+    pub fn remove_where(&self, doomed: impl Fn(&str, &Slot) -> bool) -> u64 {
+        let Some(store) = &self.store else {
+            return 0;
+        };
+        let removed = Cell::new(0u64);
+        store.retain(|key, slot| {
+            let doomed = doomed(key, slot);
+            removed.set(removed.get() + u64::from(doomed));
+            !doomed
+        });
+        removed.get()
+    }
+
+    /// The entries `wanted` picks with their storage keys, one shard at a time: only those are
+    /// copied out.
+    pub fn entries_where(
+        &self,
+        wanted: impl Fn(&str, &Entry) -> bool,
+    ) -> Vec<(String, Arc<Entry>)> {
+        let Some(store) = &self.store else {
+            return Vec::new();
+        };
+        let found = RefCell::new(Vec::new());
+        store.retain(|key, slot| {
+            if let Slot::Entry(entry) = slot {
+                if wanted(key, entry) {
+                    found.borrow_mut().push((key.clone(), entry.clone()));
+                }
+            }
+            true
+        });
+        found.into_inner()
+    }
+
+    /// Puts `replacement` under `key` if the key still holds `current`: an entry stored meanwhile
+    /// (a fill that finished after the scan) is newer and stays. Returns whether it replaced.
+    pub fn replace_entry(&self, key: &str, current: &Arc<Entry>, replacement: Arc<Entry>) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        // A zero timeout: a key being loaded through quick_cache's guards is not waited for (Strata
+        // does not load through them; its own coalescer does that).
+        let result = store.entry(key, Some(Duration::ZERO), |_, slot| match slot {
+            Slot::Entry(held) if Arc::ptr_eq(held, current) => {
+                *slot = Slot::Entry(replacement);
+                EntryAction::Retain(true)
+            }
+            _ => EntryAction::Retain(false),
+        });
+        matches!(result, EntryResult::Retained(true))
     }
 
     /// Drops everything (after a missed invalidation: L2 stays the truth).
@@ -196,7 +247,101 @@ fn shard_count(capacity_bytes: u64, max_object_bytes: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
     use super::*;
+    use crate::cache::entry::Admission;
+    use crate::cache::policy::Lifetime;
+
+    fn entry(tag: &str) -> Arc<Entry> {
+        let now = SystemTime::now();
+        let admission = Admission {
+            lifetime: Lifetime {
+                fresh_until: now + Duration::from_secs(60),
+                stale_while_revalidate_until: now + Duration::from_secs(60),
+                stale_if_error_until: now + Duration::from_secs(60),
+                initial_age: Duration::ZERO,
+            },
+            never_stale: false,
+            honours_max_stale: true,
+            variant: Vec::new(),
+            tags: vec![tag.to_string()],
+        };
+        let body = Bytes::from_static(b"body");
+        Arc::new(Entry::new(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            body,
+            now,
+            admission,
+        ))
+    }
+
+    fn filled() -> L1 {
+        let l1 = L1::new(16 << 20, 1 << 20);
+        for i in 0..100 {
+            let tag = if i % 10 == 0 { "tenth" } else { "other" };
+            l1.insert(format!("example.com/{i}"), Slot::Entry(entry(tag)));
+        }
+        l1.insert(
+            "example.com/marker".into(),
+            Slot::Pass(SystemTime::now() + Duration::from_secs(60)),
+        );
+        l1
+    }
+
+    #[test]
+    fn remove_where_removes_exactly_what_it_picks() {
+        let l1 = filled();
+        let removed = l1
+            .remove_where(|_, slot| matches!(slot, Slot::Entry(entry) if entry.tags == ["tenth"]));
+        assert_eq!(removed, 10);
+        assert_eq!(l1.len(), 91);
+        assert!(l1.get("example.com/0").is_none());
+        assert!(l1.get("example.com/1").is_some());
+        assert!(matches!(l1.get("example.com/marker"), Some(Slot::Pass(_))));
+        assert_eq!(l1.remove_where(|_, _| false), 0);
+        assert_eq!(l1.evictions(), 0, "a purge is not an eviction");
+    }
+
+    #[test]
+    fn entries_where_copies_out_only_matching_entries() {
+        let l1 = filled();
+        let mut found =
+            l1.entries_where(|key, entry| key.ends_with('0') && entry.tags == ["tenth"]);
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let keys: Vec<&str> = found.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(keys.len(), 10);
+        assert_eq!(keys[0], "example.com/0");
+        assert_eq!(l1.len(), 101, "nothing removed");
+        assert!(L1::new(0, 1 << 20).entries_where(|_, _| true).is_empty());
+    }
+
+    #[test]
+    fn replace_entry_keeps_an_entry_stored_after_the_scan() {
+        let l1 = filled();
+        let Some(Slot::Entry(scanned)) = l1.get("example.com/3") else {
+            panic!("not stored");
+        };
+        // A fill stores a newer entry between the scan and the replacement: it stays.
+        let newer = entry("newer");
+        l1.insert("example.com/3".into(), Slot::Entry(newer.clone()));
+        assert!(!l1.replace_entry("example.com/3", &scanned, entry("expired")));
+        assert!(matches!(l1.get("example.com/3"), Some(Slot::Entry(e)) if Arc::ptr_eq(&e, &newer)));
+        // Unchanged since the scan: replaced.
+        let expired = entry("expired");
+        assert!(l1.replace_entry("example.com/3", &newer, expired.clone()));
+        assert!(
+            matches!(l1.get("example.com/3"), Some(Slot::Entry(e)) if Arc::ptr_eq(&e, &expired))
+        );
+        // Gone meanwhile: not brought back.
+        l1.remove("example.com/3");
+        assert!(!l1.replace_entry("example.com/3", &expired, entry("again")));
+        assert!(l1.get("example.com/3").is_none());
+    }
 
     #[test]
     fn largest_object_fits_a_shard() {

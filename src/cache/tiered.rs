@@ -1,6 +1,7 @@
 //! The tiered cache the proxy talks to: lookup and fill across L1 (RAM) and L2 (Redis), with
 //! `Vary` variants stored side by side under one URL in both tiers.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -188,32 +189,36 @@ impl Cache {
                 Some(Slot::Pass(_)) | None => 0,
             };
         }
-        let mut concerned = 0;
-        for (storage_key, slot) in self.l1.snapshot() {
-            let primary = storage_key.split('\u{0}').next().unwrap_or(&storage_key);
+        if purge.soft {
+            // Marked stale, not removed: copies of the matching entries replace them. Records and
+            // markers stay, so the stale copies can still be found and served.
+            let matching = self.l1.entries_where(|storage_key, entry| {
+                entry.is_fresh(now) && purge.matches(primary_key(storage_key), &entry.tags)
+            });
+            return matching
+                .into_iter()
+                .map(|(storage_key, entry)| {
+                    let expired = Arc::new(entry.expired_at(now));
+                    u64::from(self.l1.replace_entry(&storage_key, &entry, expired))
+                })
+                .sum();
+        }
+        let concerned = Cell::new(0);
+        self.l1.remove_where(|storage_key, slot| {
+            let primary = primary_key(storage_key);
             match slot {
-                Slot::Entry(entry) if purge.matches(primary, &entry.tags) => {
-                    if !purge.soft {
-                        self.l1.remove(&storage_key);
-                        concerned += 1;
-                    } else if entry.is_fresh(now) {
-                        self.l1
-                            .insert(storage_key, Slot::Entry(Arc::new(entry.expired_at(now))));
-                        concerned += 1;
-                    }
+                Slot::Entry(entry) => {
+                    let doomed = purge.matches(primary, &entry.tags);
+                    concerned.set(concerned.get() + u64::from(doomed));
+                    doomed
                 }
                 // Records and markers of a purged URL go too (not for tags: they carry none).
-                Slot::Vary(_) | Slot::Pass(_)
-                    if !purge.soft
-                        && !matches!(purge.selector, Selector::Tags(_))
-                        && purge.matches(primary, &[]) =>
-                {
-                    self.l1.remove(&storage_key);
+                Slot::Vary(_) | Slot::Pass(_) => {
+                    !matches!(purge.selector, Selector::Tags(_)) && purge.matches(primary, &[])
                 }
-                _ => {}
             }
-        }
-        concerned
+        });
+        concerned.get()
     }
 
     /// Applies a purge to every L2 store; returns how many Redis entries it concerned.
@@ -236,6 +241,11 @@ impl Cache {
         }
         removed
     }
+}
+
+/// The URL's key of a storage key (a variant's key is the URL's key, a NUL, and the variant's part).
+fn primary_key(storage_key: &str) -> &str {
+    storage_key.split('\u{0}').next().unwrap_or(storage_key)
 }
 
 /// What storing `entry` writes to L2: the vary record (if it varies) and the entry, each with the

@@ -2,7 +2,6 @@
 //! stored entry, warm a URL through the cache.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{header, Method, Request, Response, StatusCode, Uri};
@@ -12,7 +11,6 @@ use super::body::ProxyBody;
 use super::respond::{self, Detail};
 use super::{cache_status_of, headers, Proxy, PurgeOutcome, Target};
 use crate::cache::l1::Slot;
-use crate::cache::Entry;
 use crate::invalidate::{Purge, Selector};
 use crate::metrics::Stats;
 
@@ -25,17 +23,11 @@ impl Proxy {
             Some(Slot::Entry(entry)) => ("l1", entry, 1),
             Some(Slot::Vary(_)) => {
                 let prefix = format!("{key}\u{0}");
-                let found: Vec<Arc<Entry>> = inner
+                let found = inner
                     .cache
                     .l1()
-                    .snapshot()
-                    .into_iter()
-                    .filter_map(|(storage_key, slot)| match slot {
-                        Slot::Entry(entry) if storage_key.starts_with(&prefix) => Some(entry),
-                        _ => None,
-                    })
-                    .collect();
-                let first = found.first()?.clone();
+                    .entries_where(|storage_key, _| storage_key.starts_with(&prefix));
+                let first = found.first()?.1.clone();
                 ("l1", first, found.len())
             }
             Some(Slot::Pass(_)) | None => match inner.cache.l2()?.get(key).await? {
