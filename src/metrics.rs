@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 19] = [
+    let families: [(&str, &str, &str, u64); 20] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -168,6 +168,12 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "counter",
             "L2 values that did not decode (deleted).",
             s.l2_corrupt,
+        ),
+        (
+            "strata_l2_failovers_followed_total",
+            "counter",
+            "Redis Sentinel failovers followed on the sentinels' announcement.",
+            s.l2_failovers_followed,
         ),
         (
             "strata_coalesced_total",
@@ -291,6 +297,7 @@ pub struct StatsSnapshot {
     pub l2_writes: u64,
     pub l2_dropped_writes: u64,
     pub l2_corrupt: u64,
+    pub l2_failovers_followed: u64,
     /// 1 while every Redis store is being skipped by its circuit breaker.
     pub l2_breaker_open: u64,
 }

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::codec::{self, CodecError};
 use super::l1::Slot;
+use super::sentinel::Watch;
 use crate::config::RedisConfig;
 use crate::invalidate::{Purge, Selector};
 
@@ -57,6 +58,8 @@ pub struct L2Stats {
     pub writes: AtomicU64,
     pub dropped_writes: AtomicU64,
     pub corrupt: AtomicU64,
+    /// Sentinel failovers followed on their announcement (`+switch-master`).
+    pub failovers_followed: AtomicU64,
     /// Duration of lookups (`GET`), whatever their outcome.
     pub latency: crate::metrics::Histogram,
 }
@@ -138,6 +141,8 @@ struct Store {
     /// A dedicated connection for the invalidation channel (a subscribed connection can run
     /// nothing else).
     subscriber: fred::clients::Client,
+    /// Behind Sentinel: the listeners for failover announcements.
+    sentinels: Option<Watch>,
 }
 
 enum Write {
@@ -217,6 +222,7 @@ impl L2 {
                 pool,
                 breaker: Breaker::new(),
                 subscriber,
+                sentinels: Watch::new(store_config),
             });
         }
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
@@ -240,11 +246,14 @@ impl L2 {
             stats: L2Stats::default(),
         });
         tokio::spawn(write_loop(Arc::downgrade(&l2), queue));
-        for store in &l2.stores {
+        for (index, store) in l2.stores.iter().enumerate() {
             for client in store.pool.clients() {
                 tokio::spawn(supervise(Arc::downgrade(&l2), client.clone()));
             }
             tokio::spawn(supervise(Arc::downgrade(&l2), store.subscriber.clone()));
+            if let Some(sentinels) = &store.sentinels {
+                sentinels.start(&l2, index);
+            }
         }
         Ok(l2)
     }
@@ -673,6 +682,15 @@ impl L2 {
         seq.and_then(|seq| u64::try_from(seq).ok())
     }
 
+    /// Every client of store `index` that talks to its master: the pool's and the subscriber.
+    pub(super) fn store_clients(&self, index: usize) -> Vec<fred::clients::Client> {
+        self.stores.get(index).map_or_else(Vec::new, |store| {
+            let mut clients = store.pool.clients().to_vec();
+            clients.push(store.subscriber.clone());
+            clients
+        })
+    }
+
     /// One subscriber connection per store, with the receivers the invalidation loop owns.
     pub fn subscribers(&self) -> Vec<fred::clients::Client> {
         self.stores
@@ -718,7 +736,7 @@ async fn decode_off_runtime(value: Bytes, max_body: u64) -> Result<Slot, CodecEr
 /// connection that was up and dropped, but a connection that fails while being established (Redis
 /// down at start-up, or dying during the handshake) ends fred's connection task for good; this
 /// starts it again, with backoff.
-async fn supervise(l2: std::sync::Weak<L2>, client: fred::clients::Client) {
+pub(super) async fn supervise(l2: std::sync::Weak<L2>, client: fred::clients::Client) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
@@ -754,6 +772,7 @@ impl Drop for L2 {
                     .iter()
                     .cloned()
                     .chain([store.subscriber.clone()])
+                    .chain(store.sentinels.iter().flat_map(|w| w.clients().to_vec()))
             })
             .collect();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

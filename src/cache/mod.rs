@@ -8,6 +8,7 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod policy;
+mod sentinel;
 pub mod tiered;
 
 pub use entry::Entry;

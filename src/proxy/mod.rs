@@ -285,6 +285,7 @@ impl Proxy {
             snapshot.l2_writes = get(&l2.stats.writes);
             snapshot.l2_dropped_writes = get(&l2.stats.dropped_writes);
             snapshot.l2_corrupt = get(&l2.stats.corrupt);
+            snapshot.l2_failovers_followed = get(&l2.stats.failovers_followed);
             snapshot.l2_breaker_open = u64::from(l2.breaker_open());
         }
         snapshot
