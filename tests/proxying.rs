@@ -662,3 +662,113 @@ async fn a_post_is_never_replayed() {
     assert_eq!(r.status, 502, "a POST that went out is not sent twice");
     assert_eq!(origin.hits("/post"), 2);
 }
+
+/// An origin that answers every request with a chunked body ending in trailers, written by hand:
+/// hyper as an origin sends trailers only to a client that asked with `TE: trailers`, which a
+/// proxy does not forward (it is hop-by-hop). Counts connections and requests.
+struct TrailingOrigin {
+    addr: std::net::SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TrailingOrigin {
+    async fn start() -> TrailingOrigin {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (accepted, answered) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let cache_control = if path.starts_with("/cached") {
+                            "max-age=60"
+                        } else {
+                            "no-store"
+                        };
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\ncache-control: {cache_control}\r\n\
+                             transfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+                             5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n"
+                        );
+                        if stream.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        TrailingOrigin {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A chunked answer that ends in trailers is complete at its trailers: it is stored (the trailers
+/// are not) and served whole from the cache, passed through whole, and its origin connection goes
+/// back to the pool, so every request here travels on one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_answers_with_trailers_are_stored_passed_and_keep_their_connection() {
+    let origin = TrailingOrigin::start().await;
+    let proxy = TestProxy::start(&format!("http://{}", origin.addr), &[]).await;
+    let idle_again = |proxy: &TestProxy| proxy.stats().origin_idle_connections == 1;
+
+    let first = get(&proxy.url("/cached"), &[]).await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+    assert_eq!(first.text(), "hello world");
+    wait_until(
+        "the connection back in the pool after a stored answer",
+        || idle_again(&proxy),
+    )
+    .await;
+    let hit = get(&proxy.url("/cached"), &[]).await;
+    assert_eq!(hit.x_cache(), "HIT-L1");
+    assert_eq!(hit.text(), "hello world");
+    assert_eq!(hit.header("content-length"), Some("11"));
+    assert!(
+        hit.header("x-checksum").is_none(),
+        "trailers are not stored"
+    );
+
+    for _ in 0..2 {
+        let passed = get(&proxy.url("/passed"), &[]).await;
+        assert_eq!(passed.status, 200);
+        assert_eq!(passed.text(), "hello world");
+        wait_until(
+            "the connection back in the pool after a passed answer",
+            || idle_again(&proxy),
+        )
+        .await;
+    }
+    assert_eq!(origin.requests(), 3);
+    assert_eq!(origin.connections(), 1, "{:?}", proxy.stats());
+    assert_eq!(proxy.stats().origin_connections, 1);
+}
