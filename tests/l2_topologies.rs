@@ -174,6 +174,23 @@ async fn sentinel_failover_is_followed_to_the_new_master() {
         "the entry is on the master the sentinels named"
     );
 
+    // Both instances listen for the switch on every sentinel before it happens.
+    for sentinel in &group.sentinels {
+        wait_until_for(
+            "both instances subscribed to +switch-master",
+            secs(10),
+            || {
+                let clients = sentinel.cli(&["client", "list"]);
+                clients
+                    .lines()
+                    .filter(|line| line.contains(" sub=1 "))
+                    .count()
+                    >= 2
+            },
+        )
+        .await;
+    }
+
     // Forced failover: the replica becomes the master.
     group.failover();
     let deadline = Instant::now() + secs(15);

@@ -34,6 +34,8 @@ use crate::invalidate::{Purge, Selector};
 const BREAKER_THRESHOLD: u32 = 5;
 /// How long an open breaker skips its store before one request probes it again.
 const BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+/// How long closing one client may take when the L2 goes.
+const QUIT_LIMIT: Duration = Duration::from_secs(2);
 /// L2 writes waiting for Redis; past this a write is dropped (and counted), never awaited.
 const WRITE_QUEUE: usize = 1024;
 
@@ -682,13 +684,13 @@ impl L2 {
         seq.and_then(|seq| u64::try_from(seq).ok())
     }
 
-    /// Every client of store `index` that talks to its master: the pool's and the subscriber.
-    pub(super) fn store_clients(&self, index: usize) -> Vec<fred::clients::Client> {
-        self.stores.get(index).map_or_else(Vec::new, |store| {
-            let mut clients = store.pool.clients().to_vec();
-            clients.push(store.subscriber.clone());
-            clients
-        })
+    /// The clients of store `index` that talk to its master: the pool's, and the subscriber.
+    pub(super) fn store_clients(
+        &self,
+        index: usize,
+    ) -> Option<(Vec<fred::clients::Client>, fred::clients::Client)> {
+        let store = self.stores.get(index)?;
+        Some((store.pool.clients().to_vec(), store.subscriber.clone()))
     }
 
     /// One subscriber connection per store, with the receivers the invalidation loop owns.
@@ -776,11 +778,13 @@ impl Drop for L2 {
             })
             .collect();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                for client in clients {
-                    let _ = client.quit().await;
-                }
-            });
+            // All at once, each bounded: a QUIT queued while a connection attempt fails is never
+            // answered, and one that hangs must not keep the others open.
+            runtime.spawn(futures_util::future::join_all(clients.into_iter().map(
+                |client| async move {
+                    let _ = tokio::time::timeout(QUIT_LIMIT, client.quit()).await;
+                },
+            )));
         }
     }
 }

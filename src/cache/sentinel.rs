@@ -9,7 +9,9 @@
 //!
 //! Sentinels learn a new configuration from each other's hello messages (every 2 s): one that has
 //! not yet may still name the old master. So after reconnecting, Strata checks where each client
-//! landed and reconnects again the ones that are not on the announced master, for a while.
+//! landed and reconnects again the ones that are not on the announced master, for a while, backing
+//! off. The pool's clients move first; the invalidation subscriber moves once they are on the new
+//! master, because every reconnection of the subscriber flushes L1 (a purge may have been missed).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -19,6 +21,7 @@ use fred::clients::Client;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::Builder;
+use futures_util::future::join_all;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::l2::{supervise, L2};
@@ -28,16 +31,55 @@ const SWITCH_MASTER: &str = "+switch-master";
 /// How long to keep moving clients that a sentinel still unaware of the switch sent back to the old
 /// master (sentinels spread a new configuration within a few hello periods of 2 s).
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
-/// Pause between two checks of where the clients are.
-const RECHECK_EVERY: Duration = Duration::from_millis(200);
+/// First pause before moving the clients that landed elsewhere again; doubles up to
+/// [`RECHECK_AT_MOST`].
+const RECHECK_FIRST: Duration = Duration::from_millis(200);
+const RECHECK_AT_MOST: Duration = Duration::from_millis(1600);
+/// Longest wait for one client's reconnection (fred answers once it has connected, or given up).
+const RECONNECT_LIMIT: Duration = Duration::from_secs(3);
 /// How often a listener whose L2 may be gone checks that it is still wanted.
 const ALIVE_CHECK: Duration = Duration::from_secs(1);
 /// How long to wait before subscribing again after a failed attempt.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
-/// The master a store's clients last moved to, shared by the listeners of its sentinels (every
-/// sentinel announces the same switch: only the first announcement moves the clients).
-type LastSwitch = Arc<Mutex<Option<(String, u16)>>>;
+/// A master's address as sentinels announce it.
+type Address = (String, u16);
+
+/// The master a store's clients were last moved to, shared by the listeners of its sentinels: every
+/// sentinel announces the same switch, and only the first announcement moves the clients.
+#[derive(Default)]
+struct Switches {
+    /// The announced master, and how many switches were followed (so a move that a later switch
+    /// superseded stops).
+    current: Mutex<Option<(Address, u64)>>,
+}
+
+impl Switches {
+    /// Records an announced switch `from` → `to`; returns the generation to follow it under, or
+    /// `None` if there is nothing to do: a repeat of the switch already followed, or a late
+    /// announcement of an older one (its `from` is not the master followed last). Should an
+    /// announcement have been missed (a sentinel connection down during a failover), the next one
+    /// is ignored too, and fred's own reconnection follows that failover, as it would without this.
+    fn record(&self, from: &Address, to: &Address) -> Option<u64> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = match &*current {
+            Some((master, _)) if master == to => return None,
+            Some((master, _)) if master != from => return None,
+            Some((_, generation)) => generation + 1,
+            None => 1,
+        };
+        *current = Some((to.clone(), generation));
+        Some(generation)
+    }
+
+    /// Whether `generation` is still the switch to follow.
+    fn is_current(&self, generation: u64) -> bool {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(&*current, Some((_, g)) if *g == generation)
+    }
+}
+
+type LastSwitch = Arc<Switches>;
 
 /// The sentinels of one store, each with a client that will listen for `+switch-master`.
 pub(super) struct Watch {
@@ -136,20 +178,13 @@ async fn announcements(
                 message = messages.recv() => match message {
                     Ok(message) => {
                         let Some(text) = message.value.as_str() else { continue };
-                        let Some(master) = new_master(&text, &service) else { continue };
-                        let first = {
-                            let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                            let first = last.as_ref() != Some(&master);
-                            *last = Some(master.clone());
-                            first
-                        };
-                        if first {
-                            if let Some(l2) = l2.upgrade() {
-                                l2.stats.failovers_followed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            tracing::info!(host = %master.0, port = master.1, "Sentinel failover: moving to the new master");
-                            tokio::spawn(follow(l2.clone(), store, master));
+                        let Some((from, to)) = switch(&text, &service) else { continue };
+                        let Some(generation) = last.record(&from, &to) else { continue };
+                        if let Some(l2) = l2.upgrade() {
+                            l2.stats.failovers_followed.fetch_add(1, Ordering::Relaxed);
                         }
+                        tracing::info!(host = %to.0, port = to.1, "Sentinel failover: moving to the new master");
+                        tokio::spawn(follow(l2.clone(), store, to, last.clone(), generation));
                     }
                     // A lost announcement is covered by fred's own reconnection, later.
                     Err(RecvError::Lagged(_)) => {}
@@ -171,70 +206,134 @@ async fn announcements(
     }
 }
 
-/// The new master's address in a `+switch-master` message about `service`.
-fn new_master(message: &str, service: &str) -> Option<(String, u16)> {
+/// The old and the new master's addresses in a `+switch-master` message about `service`.
+fn switch(message: &str, service: &str) -> Option<(Address, Address)> {
     let mut fields = message.split_ascii_whitespace();
     if fields.next()? != service {
         return None;
     }
-    let (_old_host, _old_port) = (fields.next()?, fields.next()?);
-    let host = fields.next()?;
-    let port = fields.next()?.parse().ok()?;
-    Some((host.to_string(), port))
+    let mut address = || -> Option<Address> {
+        let host = fields.next()?.to_string();
+        let port = fields.next()?.parse().ok()?;
+        Some((host, port))
+    };
+    let from = address()?;
+    let to = address()?;
+    Some((from, to))
 }
 
-/// Reconnects the store's clients until each is connected to `master` (or for
-/// [`CONVERGE_WITHIN`]): fred asks the sentinels for the master on every connection.
-async fn follow(l2: Weak<L2>, store: usize, master: (String, u16)) {
+/// Moves the store's clients to `master`: reconnects them (fred asks the sentinels for the master
+/// on every connection) until each has landed there, for at most [`CONVERGE_WITHIN`], and stops
+/// early when a later switch supersedes this one. The pool first, then the subscriber.
+async fn follow(
+    l2: Weak<L2>,
+    store: usize,
+    master: Address,
+    switches: LastSwitch,
+    generation: u64,
+) {
     let deadline = Instant::now() + CONVERGE_WITHIN;
-    let on_master = |server: &Server| *server.host == *master.0 && server.port == master.1;
-    loop {
-        let Some(clients) = l2.upgrade().map(|l2| l2.store_clients(store)) else {
-            return;
-        };
-        let behind: Vec<Client> = clients
+    let Some((pool, subscriber)) = l2.upgrade().and_then(|l2| l2.store_clients(store)) else {
+        return;
+    };
+    for (clients, what) in [
+        (pool, "pool"),
+        (vec![subscriber], "invalidation subscriber"),
+    ] {
+        // At the announcement they are all on the old master, unless fred already moved one.
+        let mut behind: Vec<Client> = clients
             .into_iter()
-            .filter(|client| !client.active_connections().iter().any(on_master))
+            .filter(|client| !client.active_connections().iter().any(|s| at(s, &master)))
             .collect();
-        if behind.is_empty() {
-            tracing::info!(host = %master.0, port = master.1, "following the new Redis master");
-            return;
+        let mut pause = RECHECK_FIRST;
+        while !behind.is_empty() {
+            if !switches.is_current(generation) || l2.strong_count() == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    host = %master.0,
+                    port = master.1,
+                    behind = behind.len(),
+                    what,
+                    "Redis clients are not on the announced master yet; fred keeps following the sentinels"
+                );
+                return;
+            }
+            let landed = join_all(behind.iter().map(reconnect)).await;
+            behind = behind
+                .into_iter()
+                .zip(landed)
+                .filter(|(_, server)| !server.as_ref().is_some_and(|s| at(s, &master)))
+                .map(|(client, _)| client)
+                .collect();
+            if !behind.is_empty() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECHECK_AT_MOST);
+            }
         }
-        if Instant::now() >= deadline {
-            tracing::warn!(
-                host = %master.0,
-                port = master.1,
-                behind = behind.len(),
-                "some Redis clients are not on the announced master yet; fred keeps following the sentinels"
-            );
-            return;
-        }
-        for client in behind {
-            // Bounded: a reconnection that hangs must not stop the others from moving.
-            let _ = tokio::time::timeout(RECHECK_EVERY * 10, client.force_reconnection()).await;
-        }
-        tokio::time::sleep(RECHECK_EVERY).await;
     }
+    tracing::info!(host = %master.0, port = master.1, "following the new Redis master");
+}
+
+fn at(server: &Server, master: &Address) -> bool {
+    *server.host == *master.0 && server.port == master.1
+}
+
+/// Reconnects `client`; returns the server it connected to (from fred's connection event, which
+/// also works where `CLIENT ID` is not allowed and `active_connections` stays empty).
+async fn reconnect(client: &Client) -> Option<Server> {
+    let mut events = client.reconnect_rx();
+    let reconnected = tokio::time::timeout(RECONNECT_LIMIT, client.force_reconnection()).await;
+    if !matches!(reconnected, Ok(Ok(()))) {
+        return None;
+    }
+    // fred announces a connection before it answers the reconnection: the last event is this one.
+    let mut landed = None;
+    while let Ok(server) = events.try_recv() {
+        landed = Some(server);
+    }
+    landed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn address(host: &str, port: u16) -> Address {
+        (host.to_string(), port)
+    }
+
     #[test]
-    fn reads_the_new_master_of_its_service_only() {
+    fn reads_the_switch_of_its_service_only() {
         assert_eq!(
-            new_master("mymaster 127.0.0.1 6380 127.0.0.1 6381", "mymaster"),
-            Some(("127.0.0.1".to_string(), 6381))
+            switch("mymaster 127.0.0.1 6380 127.0.0.1 6381", "mymaster"),
+            Some((address("127.0.0.1", 6380), address("127.0.0.1", 6381)))
         );
         assert_eq!(
-            new_master("other 127.0.0.1 6380 127.0.0.1 6381", "mymaster"),
+            switch("other 127.0.0.1 6380 127.0.0.1 6381", "mymaster"),
             None
         );
-        assert_eq!(new_master("mymaster 127.0.0.1 6380", "mymaster"), None);
+        assert_eq!(switch("mymaster 127.0.0.1 6380", "mymaster"), None);
         assert_eq!(
-            new_master("mymaster 127.0.0.1 6380 10.0.0.2 port", "mymaster"),
+            switch("mymaster 127.0.0.1 6380 10.0.0.2 port", "mymaster"),
             None
         );
+    }
+
+    #[test]
+    fn each_switch_is_followed_once_and_late_announcements_are_ignored() {
+        let switches = Switches::default();
+        let (a, b, c) = (address("a", 1), address("b", 2), address("c", 3));
+        assert_eq!(switches.record(&a, &b), Some(1));
+        // The other sentinels announce the same switch.
+        assert_eq!(switches.record(&a, &b), None);
+        assert!(switches.is_current(1));
+        // A second failover supersedes the first one's move.
+        assert_eq!(switches.record(&b, &c), Some(2));
+        assert!(!switches.is_current(1));
+        // A sentinel that heard of the first failover late announces it now: ignored.
+        assert_eq!(switches.record(&a, &b), None);
+        assert!(switches.is_current(2));
     }
 }
