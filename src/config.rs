@@ -23,6 +23,9 @@ pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
 pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const TUNNEL_IDLE_TIMEOUT: &str = "TUNNEL_IDLE_TIMEOUT";
 pub const ORIGIN_IDLE_TIMEOUT: &str = "ORIGIN_IDLE_TIMEOUT";
+pub const ORIGIN_MAX_IDLE: &str = "ORIGIN_MAX_IDLE";
+/// The largest ORIGIN_MAX_IDLE: more idle sockets than this would crowd the file descriptor limit.
+const MAX_ORIGIN_IDLE: usize = 65_536;
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -75,6 +78,9 @@ pub struct RawArgs {
     /// A kept-alive origin connection idle this long is closed rather than reused.
     #[arg(long, env = ORIGIN_IDLE_TIMEOUT, value_name = ORIGIN_IDLE_TIMEOUT, default_value = "55s")]
     pub origin_idle_timeout: String,
+    /// Kept-alive origin connections held idle at most; 0 closes each after its response.
+    #[arg(long, env = ORIGIN_MAX_IDLE, value_name = ORIGIN_MAX_IDLE, default_value = "1024")]
+    pub origin_max_idle: String,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = SHUTDOWN_TIMEOUT, value_name = SHUTDOWN_TIMEOUT, default_value = "30s")]
     pub shutdown_timeout: String,
@@ -142,6 +148,7 @@ pub struct Config {
     pub lock_timeout: Duration,
     pub origin_timeout: Duration,
     pub origin_idle_timeout: Duration,
+    pub origin_max_idle: usize,
     pub shutdown_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
     pub log_format: LogFormat,
@@ -241,6 +248,7 @@ const FLAGS: &[(&str, &str)] = &[
     (CACHE_LOCK_TIMEOUT, "--cache-lock-timeout"),
     (ORIGIN_TIMEOUT, "--origin-timeout"),
     (ORIGIN_IDLE_TIMEOUT, "--origin-idle-timeout"),
+    (ORIGIN_MAX_IDLE, "--origin-max-idle"),
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (TUNNEL_IDLE_TIMEOUT, "--tunnel-idle-timeout"),
     (LOG_FORMAT, "--log-format"),
@@ -340,6 +348,19 @@ impl Config {
                 ORIGIN_IDLE_TIMEOUT,
                 &raw.origin_idle_timeout,
             )?,
+            origin_max_idle: raw
+                .origin_max_idle
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= MAX_ORIGIN_IDLE)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        ORIGIN_MAX_IDLE,
+                        &raw.origin_max_idle,
+                        format!("expected 0 to {MAX_ORIGIN_IDLE}"),
+                    )
+                })?,
             shutdown_timeout: parse_duration(SHUTDOWN_TIMEOUT, &raw.shutdown_timeout)?,
             tunnel_idle_timeout: parse_positive_duration(
                 TUNNEL_IDLE_TIMEOUT,
@@ -616,6 +637,7 @@ mod tests {
         assert_eq!(c.lock_timeout, Duration::from_secs(5));
         assert_eq!(c.origin_timeout, Duration::from_secs(30));
         assert_eq!(c.origin_idle_timeout, Duration::from_secs(55));
+        assert_eq!(c.origin_max_idle, 1024);
         assert_eq!(c.tunnel_idle_timeout, Duration::from_secs(300));
         assert_eq!(c.fallback_max_age, None);
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8080");

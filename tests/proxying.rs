@@ -488,6 +488,49 @@ async fn origin_connections_are_kept_alive_and_reused() {
     );
 }
 
+/// ORIGIN_MAX_IDLE bounds the connections kept open between requests: after a burst of eight, two
+/// stay and the others are closed; with 0, every request gets a connection of its own that is closed
+/// after its response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_max_idle_bounds_the_kept_connections() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("slow")
+            .cc("no-store")
+            .delay(Duration::from_millis(200))
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_MAX_IDLE", "2")]).await;
+    // The first answer (no-store) marks the URL for passing: the burst is not coalesced.
+    assert_eq!(get(&proxy.url("/burst"), &[]).await.status, 200);
+    for (response, _) in concurrent_gets(&proxy.url("/burst"), 8).await {
+        assert_eq!(response.status, 200);
+    }
+    // Eight at once need eight connections (fewer only if one started after another had ended).
+    assert!(
+        origin.connections() > 2,
+        "{} connections",
+        origin.connections()
+    );
+    wait_until("all but two origin connections closed", || {
+        origin.open_connections() == 2
+    })
+    .await;
+    assert_eq!(proxy.stats().origin_idle_connections, 2);
+
+    let origin = MockOrigin::fixed("each its own", "no-store").await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_MAX_IDLE", "0")]).await;
+    for _ in 0..3 {
+        let r = get(&proxy.url("/alone"), &[]).await;
+        assert_eq!(r.text(), "each its own");
+    }
+    assert_eq!(origin.connections(), 3);
+    assert_eq!(proxy.stats().origin_idle_connections, 0);
+    wait_until("every origin connection closed", || {
+        origin.open_connections() == 0
+    })
+    .await;
+}
+
 /// An origin that answers `Connection: close` gets a new connection for every request, and a closed
 /// connection is never handed out again.
 #[tokio::test]

@@ -27,8 +27,6 @@ use tower_service::Service;
 use super::body::ProxyBody;
 use crate::config::Config;
 
-/// Idle connections kept open at most (the newest are kept; more are closed when they come back).
-const MAX_IDLE: usize = 1024;
 /// How long a request waits for a returned connection that is not ready yet (see `checkout`).
 const BUSY_GRACE: Duration = Duration::from_millis(50);
 /// A kept-alive connection idle this long may be closed by the origin just as a request goes out
@@ -94,7 +92,11 @@ impl Origin {
         // An idle connection older than ORIGIN_IDLE_TIMEOUT is closed rather than reused: origins
         // and load balancers in between drop quiet connections after a while, and a request sent
         // on one of those as they do fails.
-        let idle = Arc::new(IdlePool::new(config.origin_idle_timeout));
+        // At most ORIGIN_MAX_IDLE are kept: the newest; more are closed when they come back.
+        let idle = Arc::new(IdlePool::new(
+            config.origin_idle_timeout,
+            config.origin_max_idle,
+        ));
         IdlePool::sweep_in_background(&idle);
         Ok(Origin {
             connector,
@@ -310,17 +312,19 @@ struct Idle {
 }
 
 /// Idle connections, oldest first (each comes back at the end with the time it came back, so the
-/// stack stays sorted by `since`), and how long one may stay.
+/// stack stays sorted by `since`), how long one may stay, and how many may.
 struct IdlePool {
     idle: Mutex<Vec<Idle>>,
     timeout: Duration,
+    capacity: usize,
 }
 
 impl IdlePool {
-    fn new(timeout: Duration) -> IdlePool {
+    fn new(timeout: Duration, capacity: usize) -> IdlePool {
         IdlePool {
             idle: Mutex::new(Vec::new()),
             timeout,
+            capacity,
         }
     }
 
@@ -361,11 +365,11 @@ impl IdlePool {
         // Read under the lock, so that the stack stays sorted by `since`.
         let now = Instant::now();
         self.expire(&mut idle, now);
-        if idle.len() >= MAX_IDLE {
+        if idle.len() >= self.capacity {
             // Connections the origin closed (its keep-alive timeout) must not crowd out live ones.
             idle.retain(|entry| !entry.sender.is_closed());
         }
-        if idle.len() < MAX_IDLE {
+        if idle.len() < self.capacity {
             idle.push(Idle { sender, since: now });
         }
     }
