@@ -684,3 +684,47 @@ async fn redis_that_comes_up_after_start_up_is_used() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An instance whose fill turns out too big to store lets go of the fleet-wide lock at once: the
+/// other instances waiting on it fetch for themselves while the first stream still runs, instead of
+/// waiting for its end or for CACHE_LOCK_TIMEOUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_too_big_to_store_releases_the_fleet_lock_at_once() {
+    let redis = RedisServer::start();
+    let first = pattern(1536 * 1024);
+    let gates = [
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    ];
+    let origin = {
+        let (first, gates) = (first.clone(), gates.clone());
+        MockOrigin::start(move |req| {
+            // Each fetch streams 1.5 MiB, then waits for its own gate before the last bytes.
+            let gate = gates[(req.hit - 1).min(1)].clone();
+            Reply::gated(first.clone(), gate, "end").cc("max-age=60")
+        })
+        .await
+    };
+    let settings = [("CACHE_MAX_OBJECT_MB", "1"), ("CACHE_LOCK_TIMEOUT", "30s")];
+    let a = instance(&origin, &redis, &settings).await;
+    let b = instance(&origin, &redis, &settings).await;
+
+    let url = a.url("/big");
+    let from_a = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    origin.wait_hits("/big", 1).await;
+    let url = b.url("/big");
+    let from_b = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    // B reaches the origin while A's stream is still held at its gate.
+    origin.wait_hits("/big", 2).await;
+    assert_eq!(origin.hits("/big"), 2);
+
+    for gate in &gates {
+        gate.notify_one();
+    }
+    for (name, task) in [("A", from_a), ("B", from_b)] {
+        let r = within("the gated GET", secs(20), task).await.unwrap();
+        assert_eq!(r.status, 200, "{name}");
+        assert_eq!(r.body.len(), first.len() + 3, "{name}: the whole body");
+        assert_eq!(r.x_cache(), "MISS", "{name}");
+    }
+}

@@ -480,7 +480,7 @@ impl Fill {
         mut body: OriginBody,
         tx: mpsc::Sender<ChannelItem>,
         permit: FlightPermit,
-        lock: FleetLock,
+        mut lock: FleetLock,
     ) {
         let inner = &self.proxy.0;
         let idle = inner.origin.timeout();
@@ -520,6 +520,10 @@ impl Fill {
                     if let Some(permit) = storing.take() {
                         permit.release();
                     }
+                    // So do other instances waiting on the fleet-wide lock, now rather than when
+                    // this stream ends or their CACHE_LOCK_TIMEOUT passes (dropped, it is released
+                    // in the background).
+                    drop(std::mem::replace(&mut lock, FleetLock::none()));
                     chunks = Vec::new();
                 } else {
                     chunks.push(data.clone());
