@@ -236,11 +236,13 @@ impl Pending {
             .cloned()
     }
 
-    fn pop(&self) {
-        self.purges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
+    /// Removes `published` from the front, if it is still there: an overflow since it was read
+    /// replaced the queue with a purge of everything, which must stay.
+    fn pop(&self, published: &Purge) {
+        let mut purges = self.purges.lock().unwrap_or_else(|p| p.into_inner());
+        if purges.front() == Some(published) {
+            purges.pop_front();
+        }
     }
 }
 
@@ -309,7 +311,7 @@ async fn retry_pending(inner: Weak<Inner>) {
             if !publish(&inner, &purge).await {
                 break;
             }
-            inner.pending.pop();
+            inner.pending.pop(&purge);
             tracing::info!("a purge made while Redis was away is now published");
         }
     }
@@ -334,13 +336,22 @@ async fn subscribe(inner: Weak<Inner>, client: fred::clients::Client, channel: S
         // A connection event that came before this subscription is this subscription.
         while reconnects.try_recv().is_ok() {}
         match inner.upgrade() {
+            // Counted once L1 is flushed: what waits for this number finds it done.
             Some(inner) if !first => {
-                Stats::incr(&inner.stats.pubsub_reconnects);
                 flush_l1(&inner, "the invalidation subscriber reconnected");
+                Stats::incr(&inner.stats.pubsub_reconnects);
             }
             Some(inner) => {
-                Stats::incr(&inner.stats.pubsub_reconnects);
                 first = false;
+                // Requests served before this subscription (Redis late or unreachable at start-up)
+                // filled L1 while purges published meanwhile went unheard.
+                if !inner.cache.l1().is_empty() {
+                    flush_l1(
+                        &inner,
+                        "the invalidation subscriber connected after L1 was filled",
+                    );
+                }
+                Stats::incr(&inner.stats.pubsub_reconnects);
             }
             None => return,
         }
@@ -388,9 +399,16 @@ fn receive(inner: &Inner, text: &str, last_seq: &mut Option<u64>) {
                 inner,
                 &format!("invalidations {}..{} were missed", last + 1, seq - 1),
             );
+        } else if seq <= last {
+            // The counter started over (its key was evicted or deleted, Redis lost its data):
+            // what was published in between cannot be told, and later gaps must still show.
+            flush_l1(
+                inner,
+                &format!("the invalidation sequence restarted ({seq} after {last})"),
+            );
         }
     }
-    *last_seq = Some(last_seq.map_or(seq, |last| last.max(seq)));
+    *last_seq = Some(seq);
     if message.from == inner.instance {
         return;
     }
@@ -416,6 +434,31 @@ fn flush_l1(inner: &Inner, why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_published_purge_leaves_the_queue_only_if_still_in_front() {
+        let key = |k: &str| Purge {
+            selector: Selector::Key(k.into()),
+            soft: false,
+        };
+        let pending = Pending::default();
+        pending.push(key("first"));
+        let published = pending.front();
+        assert_eq!(published, Some(key("first")));
+        // While it was being published, the queue overflowed into a purge of everything.
+        for n in 0..PENDING_CAPACITY {
+            pending.push(key(&n.to_string()));
+        }
+        let everything = Purge {
+            selector: Selector::Pattern("*".into()),
+            soft: false,
+        };
+        assert_eq!(pending.front(), Some(everything.clone()));
+        pending.pop(&key("first"));
+        assert_eq!(pending.front(), Some(everything.clone()), "kept");
+        pending.pop(&everything);
+        assert_ne!(pending.front(), Some(everything));
+    }
 
     #[test]
     fn globs_span_slashes() {

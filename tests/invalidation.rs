@@ -420,3 +420,71 @@ async fn purge_from_b_during_a_fill_on_a_is_not_undone() {
     expect(&r, "MISS", "v2");
     assert_eq!(origin.hits("/slow"), 2);
 }
+
+/// An instance that served from L1 before its invalidation subscriber first connected (Redis late
+/// at start-up) may have missed purges meanwhile: it flushes L1 once the subscriber is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_filled_before_the_first_subscription_is_flushed() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let origin = versioned_origin("max-age=300").await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    expect(&sget(&b, "/inv/early").await, "MISS", "/inv/early v1");
+    expect(&sget(&b, "/inv/early").await, "HIT-L1", "/inv/early v1");
+
+    redis.restart();
+    wait_until_for("B subscribed", secs(15), || {
+        b.stats().pubsub_reconnects >= 1
+    })
+    .await;
+    let r = sget(&b, "/inv/early").await;
+    assert_ne!(
+        r.x_cache(),
+        "HIT-L1",
+        "L1 kept across the first subscription: {:?}",
+        b.stats()
+    );
+    assert_eq!(
+        origin.hits("/inv/early"),
+        2,
+        "refetched (nothing was in L2)"
+    );
+}
+
+/// A sequence counter that starts over (its key evicted or deleted) cannot show what was missed:
+/// an instance seeing a number not above the last one flushes L1, as it does for a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_invalidation_sequence_flushes_l1() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    wait_until_for("both subscribed", secs(15), || {
+        a.stats().pubsub_reconnects >= 1 && b.stats().pubsub_reconnects >= 1
+    })
+    .await;
+    // A few purges move the counter on; B applies them.
+    for n in 0..3 {
+        purge(&a, json!({"key": format!("shared.test/inv/other-{n}")})).await;
+    }
+    wait_until("B received three purges", || {
+        b.stats().invalidations_received >= 3
+    })
+    .await;
+    prime(&a, &b, "/inv/kept").await;
+
+    // The counter's key goes (maxmemory eviction, a FLUSHDB): the next purge is number 1 again.
+    assert_eq!(redis.cli(&["del", "strata:invalidate:seq"]), "1");
+    purge(&a, json!({"key": "shared.test/inv/unrelated"})).await;
+    wait_until("B received the fourth purge", || {
+        b.stats().invalidations_received >= 4
+    })
+    .await;
+    let r = sget(&b, "/inv/kept").await;
+    assert_eq!(
+        r.x_cache(),
+        "HIT-L2",
+        "B's L1 was flushed, L2 still has it: {:?}",
+        r.headers
+    );
+}
