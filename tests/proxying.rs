@@ -815,3 +815,89 @@ async fn chunked_answers_with_trailers_are_stored_passed_and_keep_their_connecti
     assert_eq!(origin.connections(), 1, "{:?}", proxy.stats());
     assert_eq!(proxy.stats().origin_connections, 1);
 }
+
+/// Only a connection that went away is the keep-alive race a replay is for: a malformed answer on
+/// a long-idle connection is the origin's answer, and the GET is not sent twice.
+/// (The wait is the condition under test, as above.)
+#[tokio::test]
+async fn a_malformed_answer_on_a_long_idle_connection_is_not_replayed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    buf.drain(..end + 4);
+                    let answer: &[u8] = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                        b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 2\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: many\r\n\r\n"
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = TestProxy::start(&format!("http://{addr}"), &[]).await;
+    assert_eq!(get(&proxy.url("/get"), &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let r = get(&proxy.url("/get"), &[]).await;
+    assert_eq!(r.status, 502, "{:?}", r.headers);
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        2,
+        "sent once, not replayed"
+    );
+}
+
+/// ORIGIN_TIMEOUT counts from the request body's last chunk: an upload that takes longer than it,
+/// chunk by chunk, reaches the origin and gets its answer; one that stalls longer than it gets 504.
+/// (The client's pauses are what is under test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_an_origin_timeout_but_a_stalled_one_is() {
+    let origin = MockOrigin::start(|_| Reply::echo()).await;
+    let proxy = TestProxy::start(&origin.url(), &[("ORIGIN_TIMEOUT", "1s")]).await;
+
+    let (tx, body) = chan_body();
+    let url = proxy.url("/upload");
+    let call = tokio::spawn(async move { request_body("POST", &url, &[], body).await });
+    let started = Instant::now();
+    for n in 0..4u8 {
+        tx.send(Bytes::from(vec![b'a' + n; 1024])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    drop(tx);
+    let r = within("the slow upload", secs(10), call).await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "the upload outlasted ORIGIN_TIMEOUT"
+    );
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    assert_eq!(r.body.len(), 4 * 1024);
+
+    let (tx, body) = chan_body();
+    let url = proxy.url("/upload");
+    let call = tokio::spawn(async move { request_body("POST", &url, &[], body).await });
+    tx.send(Bytes::from_static(b"first chunk, then nothing"))
+        .await
+        .unwrap();
+    let r = within("the stalled upload", secs(10), call).await.unwrap();
+    assert_eq!(r.status, 504, "{:?}", r.headers);
+    drop(tx);
+}

@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +24,35 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (client stalled, task gone) never produces a truncated body that looks complete.
 pub type ChannelItem = Result<Option<Bytes>, BoxError>;
 
+/// When a client's request body last moved (a chunk, its end), so that the origin's deadline for
+/// its answer counts from there: an upload that takes longer than `ORIGIN_TIMEOUT` but never stalls
+/// that long is not an origin timeout (nginx's `proxy_send_timeout` works the same way).
+#[derive(Debug)]
+pub struct UploadProgress {
+    started: std::time::Instant,
+    /// Nanoseconds after `started`.
+    last: AtomicU64,
+}
+
+impl UploadProgress {
+    fn new() -> Arc<UploadProgress> {
+        Arc::new(UploadProgress {
+            started: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The last time the body moved (its start, before any chunk).
+    pub fn last(&self) -> std::time::Instant {
+        self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
 /// The fill behind a streamed answer stopped before the body was complete.
 #[derive(Debug, thiserror::Error)]
 #[error("response body ended before it was complete")]
@@ -37,8 +68,9 @@ pin_project_lite::pin_project! {
     pub enum ProxyBody {
         Empty,
         Full { data: Option<Bytes> },
-        /// A client's request body on its way to the origin.
-        Client { #[pin] body: Incoming },
+        /// A client's request body on its way to the origin, and (unless it is empty) when it last
+        /// moved.
+        Client { #[pin] body: Incoming, progress: Option<Arc<UploadProgress>> },
         /// An origin's response body on its way to the client. The idle deadline is armed only
         /// when the body first makes the client wait, and moved on only after progress: a body
         /// that is already buffered (most small ones) never touches the timer wheel.
@@ -59,7 +91,16 @@ impl ProxyBody {
     }
 
     pub fn client(body: Incoming) -> Self {
-        ProxyBody::Client { body }
+        let progress = (!body.is_end_stream()).then(UploadProgress::new);
+        ProxyBody::Client { body, progress }
+    }
+
+    /// For a client's request body: when it last moved (see [`UploadProgress`]).
+    pub fn upload_progress(&self) -> Option<Arc<UploadProgress>> {
+        match self {
+            ProxyBody::Client { progress, .. } => progress.clone(),
+            _ => None,
+        }
     }
 
     pub fn origin(body: OriginBody, timeout: Duration) -> Self {
@@ -135,7 +176,13 @@ impl Body for ProxyBody {
         match self.project() {
             ProxyBodyProj::Empty => Poll::Ready(None),
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBodyProj::Client { body } => body.poll_frame(cx).map_err(Into::into),
+            ProxyBodyProj::Client { body, progress } => {
+                let polled = body.poll_frame(cx);
+                if let (Some(progress), Poll::Ready(_)) = (progress, &polled) {
+                    progress.touch();
+                }
+                polled.map_err(Into::into)
+            }
             ProxyBodyProj::Origin {
                 body,
                 idle,
@@ -213,7 +260,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full { data } => data.is_none(),
-            ProxyBody::Client { body } => body.is_end_stream(),
+            ProxyBody::Client { body, .. } => body.is_end_stream(),
             ProxyBody::Origin { body, .. } => body.is_end_stream(),
             ProxyBody::Channel {
                 complete, window, ..
@@ -227,7 +274,7 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ProxyBody::Client { body } => body.size_hint(),
+            ProxyBody::Client { body, .. } => body.size_hint(),
             ProxyBody::Origin { body, .. } => body.size_hint(),
             ProxyBody::Channel {
                 window: Some(window),

@@ -124,7 +124,8 @@ impl Origin {
         Uri::try_from(format!("{}{}", self.prefix, pq)).map_err(Into::into)
     }
 
-    /// Sends a request, waiting at most `ORIGIN_TIMEOUT` for the response headers.
+    /// Sends a request, waiting at most `ORIGIN_TIMEOUT` for the response headers (after the
+    /// request body's last chunk, when it has one).
     pub async fn send(
         &self,
         mut request: Request<ProxyBody>,
@@ -134,9 +135,24 @@ impl Origin {
                 .headers_mut()
                 .insert(header::HOST, self.authority.clone());
         }
-        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
-            Err(_) => Err(OriginError::Timeout(self.timeout)),
-            Ok(result) => result,
+        let upload = request.body().upload_progress();
+        let exchange = self.exchange(request);
+        let Some(upload) = upload else {
+            return match tokio::time::timeout(self.timeout, exchange).await {
+                Err(_) => Err(OriginError::Timeout(self.timeout)),
+                Ok(result) => result,
+            };
+        };
+        // With a request body, the deadline counts from the body's last progress: while the client
+        // uploads, each chunk moves it on; once the body is sent, the origin has `ORIGIN_TIMEOUT`.
+        let mut exchange = std::pin::pin!(exchange);
+        loop {
+            let deadline = tokio::time::Instant::from_std(upload.last() + self.timeout);
+            match tokio::time::timeout_at(deadline, exchange.as_mut()).await {
+                Ok(result) => return result,
+                Err(_) if upload.last() + self.timeout > std::time::Instant::now() => {}
+                Err(_) => return Err(OriginError::Timeout(self.timeout)),
+            }
         }
     }
 
@@ -189,7 +205,7 @@ impl Origin {
                     // It went out, and the long-idle connection failed under it: a GET or HEAD
                     // without a body is idempotent (RFC 9110 §9.2.2), so it is sent once more, on
                     // a new connection.
-                    (None, Some(copy)) => {
+                    (None, Some(copy)) if connection_dropped(error.error()) => {
                         tracing::debug!(error = %error.error(), "idle origin connection failed; sending again");
                         request = copy;
                         fresh_only = true;
@@ -369,9 +385,14 @@ impl IdlePool {
             // Connections the origin closed (its keep-alive timeout) must not crowd out live ones.
             idle.retain(|entry| !entry.sender.is_closed());
         }
-        if idle.len() < self.capacity {
-            idle.push(Idle { sender, since: now });
+        if self.capacity == 0 {
+            return; // dropped: closed
         }
+        if idle.len() >= self.capacity {
+            // The oldest goes: it is the nearest to the origin's keep-alive timeout.
+            idle.remove(0);
+        }
+        idle.push(Idle { sender, since: now });
     }
 
     /// Drops (closes) connections idle for longer than the timeout: a prefix of the stack.
@@ -388,7 +409,8 @@ impl IdlePool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // no runtime (a configuration check): requests expire connections themselves
         };
-        let every = pool.timeout / 3;
+        // At least 10 ms: `interval` panics on zero, which a timeout of a few nanoseconds gives.
+        let every = (pool.timeout / 3).max(Duration::from_millis(10));
         let pool = Arc::downgrade(pool);
         runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -402,6 +424,29 @@ impl IdlePool {
             }
         });
     }
+}
+
+/// Whether a request failed because its connection went away (closed or reset by the origin),
+/// rather than because of what the origin answered (a malformed or oversized head): only the
+/// former is the keep-alive race a replay is for.
+fn connection_dropped(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_closed() || error.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// A copy of a bodiless GET or HEAD, to send again if its connection fails under it.
