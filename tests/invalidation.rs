@@ -488,3 +488,30 @@ async fn a_restarted_invalidation_sequence_flushes_l1() {
         r.headers
     );
 }
+
+/// A successful POST through A invalidates the URL on every instance: A deletes it from L2 before
+/// it tells the others, so B, once told, fetches the new version instead of the old one from L2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_method_on_a_invalidates_b() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    prime(&a, &b, "/inv/item").await;
+
+    let before = b.stats().invalidations_received;
+    let r = request(
+        "POST",
+        &a.url("/inv/item"),
+        &[("host", HOST)],
+        bytes::Bytes::from_static(b"change"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    wait_until("B told of the invalidation", || {
+        b.stats().invalidations_received > before
+    })
+    .await;
+    // The origin's hits for the path: A's fill (1), the POST (2), now B's fetch (3).
+    expect(&sget(&b, "/inv/item").await, "MISS", "/inv/item v3");
+}

@@ -382,9 +382,23 @@ impl L2 {
 
     fn enqueue(&self, write: Write) {
         self.queued.fetch_add(1, Ordering::AcqRel);
-        if self.writes.try_send(write).is_err() {
-            self.stats.dropped_writes.fetch_add(1, Ordering::Relaxed);
-            self.write_done();
+        match self.writes.try_send(write) {
+            Ok(()) => {}
+            // A dropped delete would leave a purged or corrupt value in Redis: it waits for room
+            // instead (deletes are few; a full queue is a storm of fills).
+            Err(mpsc::error::TrySendError::Full(
+                write @ (Write::Delete { .. } | Write::DeleteIfUnchanged { .. }),
+            )) if tokio::runtime::Handle::try_current().is_ok() => {
+                let writes = self.writes.clone();
+                tokio::spawn(async move {
+                    // Refused only once the write loop is gone, and the L2 with it.
+                    let _ = writes.send(write).await;
+                });
+            }
+            Err(_) => {
+                self.stats.dropped_writes.fetch_add(1, Ordering::Relaxed);
+                self.write_done();
+            }
         }
     }
 

@@ -766,20 +766,24 @@ impl Proxy {
 
     /// Removes every stored response for a URL, and keeps a fill under way from storing its result.
     pub(crate) fn invalidate(&self, key: &str) {
-        self.0.purge_log.record(&Purge {
+        let purge = Purge {
             selector: Selector::Key(key.to_string()),
             soft: false,
-        });
-        self.0.cache.purge(key, PurgeReason::Invalidation);
-        if self.0.cache.l2().is_some() {
-            // Other instances' L1 copies go too; off the response path.
-            let proxy = self.clone();
-            let purge = Purge {
-                selector: Selector::Key(key.to_string()),
-                soft: false,
-            };
-            tokio::spawn(async move { proxy.broadcast(&purge).await });
+        };
+        self.0.purge_log.record(&purge);
+        if self.0.cache.l2().is_none() {
+            self.0.cache.purge(key, PurgeReason::Invalidation);
+            return;
         }
+        let now = self.0.clock.now();
+        self.0.cache.purge_l1(&purge, now);
+        // L2, then the other instances' L1s, off the response path and in that order: told first,
+        // another instance could refill its L1 from the copy still in L2.
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            proxy.0.cache.purge_l2(&purge, now).await;
+            proxy.broadcast(&purge).await;
+        });
     }
 
     /// WebSocket and other protocol switches: forwarded with their `Upgrade`, then both upgraded
