@@ -515,3 +515,54 @@ async fn an_unsafe_method_on_a_invalidates_b() {
     // The origin's hits for the path: A's fill (1), the POST (2), now B's fetch (3).
     expect(&sget(&b, "/inv/item").await, "MISS", "/inv/item v3");
 }
+
+/// An L2 read that Redis answers after a purge was made (it was sent before the purge's delete)
+/// must not put the purged copy back: not into L1, not to the client that asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l2_read_overtaken_by_a_purge_is_not_kept() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    expect(&sget(&a, "/inv/raced").await, "MISS", "/inv/raced v1");
+    flush_l2(&a).await;
+
+    // Redis holds every command for a second: B's L2 read goes out first, then the purge on B
+    // (logged at once; its delete waits behind the read).
+    assert_eq!(redis.cli(&["client", "pause", "1000", "ALL"]), "OK");
+    let path_b = b.url("/inv/raced");
+    let read = tokio::spawn(async move { get(&path_b, &[("host", HOST)]).await });
+    // No signal exists while Redis is paused; the order only decides whether the race happens.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let purges = b.stats().purges;
+    let admin = b.admin_url("/purge");
+    let purging = tokio::spawn(async move {
+        request(
+            "POST",
+            &admin,
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+            bytes::Bytes::from(json!({"key": "shared.test/inv/raced"}).to_string()),
+        )
+        .await
+    });
+    wait_until("the purge logged on B", || b.stats().purges > purges).await;
+    let raced = within("the racing read", secs(10), read).await.unwrap();
+    assert_eq!(
+        within("the purge", secs(10), purging).await.unwrap().status,
+        200
+    );
+    assert_ne!(
+        raced.text(),
+        "/inv/raced v1",
+        "served the purged copy: {:?}",
+        raced.headers
+    );
+
+    let after = sget(&b, "/inv/raced").await;
+    assert_ne!(
+        after.text(),
+        "/inv/raced v1",
+        "the purged copy is back: {:?}",
+        after.headers
+    );
+}

@@ -93,10 +93,21 @@ impl Cache {
     }
 
     /// The L2 response for this URL, promoted into L1 when found.
-    pub async fn lookup_l2(&self, key: &str, request_headers: &HeaderMap) -> Option<Arc<Entry>> {
+    ///
+    /// `purged` says whether a purge made while Redis answered concerns an entry (key, tags): one
+    /// read before the purge deleted it and arriving after must neither enter L1 nor be served.
+    pub async fn lookup_l2(
+        &self,
+        key: &str,
+        request_headers: &HeaderMap,
+        purged: impl Fn(&Entry) -> bool,
+    ) -> Option<Arc<Entry>> {
         let l2 = self.l2.as_ref()?;
         match l2.get(key).await? {
             Slot::Entry(entry) if entry.variant.is_empty() => {
+                if purged(&entry) {
+                    return None;
+                }
                 self.l1.insert(key.to_string(), Slot::Entry(entry.clone()));
                 Some(entry)
             }
@@ -106,7 +117,7 @@ impl Cache {
                 let Slot::Entry(entry) = l2.get(&variant).await? else {
                     return None;
                 };
-                if !entry.matches_variant(request_headers) {
+                if !entry.matches_variant(request_headers) || purged(&entry) {
                     return None;
                 }
                 let same_record = matches!(self.l1.get(key), Some(Slot::Vary(local)) if local.nonce == record.nonce);

@@ -99,7 +99,13 @@ impl Proxy {
         };
         // A request's own no-cache wants the origin's word, not another instance's copy.
         if fwd != Fwd::Request {
-            if let Some(found) = inner.cache.lookup_l2(&target.key, &parts.headers).await {
+            let since = permit.purge_generation();
+            let purged = |entry: &Entry| inner.purge_log.overtaken(since, &target.key, &entry.tags);
+            if let Some(found) = inner
+                .cache
+                .lookup_l2(&target.key, &parts.headers, purged)
+                .await
+            {
                 let now = inner.clock.now();
                 if found.is_fresh(now) {
                     permit.complete(found.clone());
@@ -120,7 +126,13 @@ impl Proxy {
             Lock::Held => {
                 let newer_than = stored.as_ref().map(|entry| entry.response_time);
                 if let Some(entry) = self
-                    .await_fleet_fill(&l2, target, &parts.headers, newer_than)
+                    .await_fleet_fill(
+                        &l2,
+                        target,
+                        &parts.headers,
+                        newer_than,
+                        permit.purge_generation(),
+                    )
                     .await
                 {
                     let now = inner.clock.now();
@@ -143,8 +155,14 @@ impl Proxy {
         target: &Target,
         request_headers: &http::HeaderMap,
         newer_than: Option<std::time::SystemTime>,
+        purge_generation: u64,
     ) -> Option<Arc<Entry>> {
         let inner = &self.0;
+        let purged = |entry: &Entry| {
+            inner
+                .purge_log
+                .overtaken(purge_generation, &target.key, &entry.tags)
+        };
         let deadline = Instant::now() + inner.config.lock_timeout;
         loop {
             tokio::time::sleep(FLEET_POLL).await;
@@ -152,7 +170,11 @@ impl Proxy {
             // seen gone means the result (if any) is already readable. Looked at the other way
             // round, a fill that finished between the two reads would look like one that failed.
             let still_locked = l2.is_locked(&target.key).await == Some(true);
-            if let Some(entry) = inner.cache.lookup_l2(&target.key, request_headers).await {
+            if let Some(entry) = inner
+                .cache
+                .lookup_l2(&target.key, request_headers, purged)
+                .await
+            {
                 let newer = newer_than.is_none_or(|t| entry.response_time > t);
                 if newer && entry.is_fresh(inner.clock.now()) {
                     return Some(entry);

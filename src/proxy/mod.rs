@@ -576,7 +576,14 @@ impl Proxy {
         target: &Target,
         directives: &RequestDirectives,
     ) -> Response<ProxyBody> {
-        if let Some(found) = self.0.cache.lookup_l2(&target.key, &parts.headers).await {
+        let since = self.0.purge_log.generation();
+        let purged = |entry: &Entry| self.0.purge_log.overtaken(since, &target.key, &entry.tags);
+        if let Some(found) = self
+            .0
+            .cache
+            .lookup_l2(&target.key, &parts.headers, purged)
+            .await
+        {
             let now = self.0.clock.now();
             if satisfies(&found, directives, now) {
                 let head = parts.method == Method::HEAD;
