@@ -92,7 +92,7 @@ impl Origin {
         // An idle connection older than ORIGIN_IDLE_TIMEOUT is closed rather than reused: origins
         // and load balancers in between drop quiet connections after a while, and a request sent
         // on one of those as they do fails.
-        // At most ORIGIN_MAX_IDLE are kept: the newest; more are closed when they come back.
+        // At most ORIGIN_MAX_IDLE are kept, the most recently used (see `checkin`).
         let idle = Arc::new(IdlePool::new(
             config.origin_idle_timeout,
             config.origin_max_idle,
