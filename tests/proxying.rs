@@ -706,27 +706,28 @@ async fn a_post_is_never_replayed() {
     assert_eq!(origin.hits("/post"), 2);
 }
 
-/// An origin that answers every request with a chunked body ending in trailers, written by hand:
-/// hyper as an origin sends trailers only to a client that asked with `TE: trailers`, which a
-/// proxy does not forward (it is hop-by-hop). Counts connections and requests.
-struct TrailingOrigin {
+/// An origin written by hand, for answers hyper would not send: `answer(path, n)` gives the raw
+/// bytes of the n-th answer (0-based, over all connections), written after each request head (the
+/// tests' requests carry no body). Connections stay open; counts connections and requests.
+struct RawOrigin {
     addr: std::net::SocketAddr,
     connections: Arc<std::sync::atomic::AtomicUsize>,
     requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl TrailingOrigin {
-    async fn start() -> TrailingOrigin {
+impl RawOrigin {
+    async fn start(answer: impl Fn(&str, usize) -> Vec<u8> + Send + Sync + 'static) -> RawOrigin {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (accepted, answered) = (connections.clone(), requests.clone());
+        let answer = Arc::new(answer);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let answered = answered.clone();
+                let (answered, answer) = (answered.clone(), answer.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -740,30 +741,24 @@ impl TrailingOrigin {
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                         buf.drain(..end + 4);
-                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                        let cache_control = if path.starts_with("/cached") {
-                            "max-age=60"
-                        } else {
-                            "no-store"
-                        };
-                        answered.fetch_add(1, Ordering::SeqCst);
-                        let response = format!(
-                            "HTTP/1.1 200 OK\r\ncache-control: {cache_control}\r\n\
-                             transfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
-                             5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n"
-                        );
-                        if stream.write_all(response.as_bytes()).await.is_err() {
+                        let path = head.split(' ').nth(1).unwrap_or("/");
+                        let n = answered.fetch_add(1, Ordering::SeqCst);
+                        if stream.write_all(&answer(path, n)).await.is_err() {
                             return;
                         }
                     }
                 });
             }
         });
-        TrailingOrigin {
+        RawOrigin {
             addr,
             connections,
             requests,
         }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     fn connections(&self) -> usize {
@@ -780,8 +775,23 @@ impl TrailingOrigin {
 /// back to the pool, so every request here travels on one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_answers_with_trailers_are_stored_passed_and_keep_their_connection() {
-    let origin = TrailingOrigin::start().await;
-    let proxy = TestProxy::start(&format!("http://{}", origin.addr), &[]).await;
+    // hyper as an origin sends trailers only to a client that asked with `TE: trailers`, which a
+    // proxy does not forward (it is hop-by-hop): this one always sends them.
+    let origin = RawOrigin::start(|path, _| {
+        let cache_control = if path.starts_with("/cached") {
+            "max-age=60"
+        } else {
+            "no-store"
+        };
+        format!(
+            "HTTP/1.1 200 OK\r\ncache-control: {cache_control}\r\n\
+             transfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+             5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n"
+        )
+        .into_bytes()
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
     let idle_again = |proxy: &TestProxy| proxy.stats().origin_idle_connections == 1;
 
     let first = get(&proxy.url("/cached"), &[]).await;
@@ -821,49 +831,22 @@ async fn chunked_answers_with_trailers_are_stored_passed_and_keep_their_connecti
 /// (The wait is the condition under test, as above.)
 #[tokio::test]
 async fn a_malformed_answer_on_a_long_idle_connection_is_not_replayed() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counted = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    buf.drain(..end + 4);
-                    let answer: &[u8] = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                        b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 2\r\n\r\nok"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: many\r\n\r\n"
-                    };
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    let proxy = TestProxy::start(&format!("http://{addr}"), &[]).await;
+    let origin = RawOrigin::start(|_, n| {
+        let answer: &[u8] = if n == 0 {
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 2\r\n\r\nok"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: many\r\n\r\n"
+        };
+        answer.to_vec()
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
     assert_eq!(get(&proxy.url("/get"), &[]).await.status, 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     let r = get(&proxy.url("/get"), &[]).await;
     assert_eq!(r.status, 502, "{:?}", r.headers);
-    assert_eq!(
-        requests.load(Ordering::SeqCst),
-        2,
-        "sent once, not replayed"
-    );
+    assert_eq!(origin.requests(), 2, "sent once, not replayed");
 }
 
 /// ORIGIN_TIMEOUT counts from the request body's last chunk: an upload that takes longer than it,
