@@ -784,13 +784,9 @@ impl Proxy {
         }
         let now = self.0.clock.now();
         self.0.cache.purge_l1(&purge, now);
-        // L2, then the other instances' L1s, off the response path and in that order: told first,
-        // another instance could refill its L1 from the copy still in L2.
+        // L2 and the other instances off the response path.
         let proxy = self.clone();
-        tokio::spawn(async move {
-            proxy.0.cache.purge_l2(&purge, now).await;
-            proxy.broadcast(&purge).await;
-        });
+        tokio::spawn(async move { proxy.purge_beyond_l1(&purge, now).await });
     }
 
     /// WebSocket and other protocol switches: forwarded with their `Upgrade`, then both upgraded
