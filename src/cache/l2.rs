@@ -213,13 +213,7 @@ impl L2 {
                 // Forever (0 attempts = unlimited), 100 ms doubling to 2 s.
                 .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
                 .build_pool(config.pool_size)?;
-            let subscriber = Builder::from_config(store_config.clone())
-                .with_connection_config(|c| {
-                    c.connection_timeout = Duration::from_secs(2);
-                    c.internal_command_timeout = Duration::from_secs(2);
-                })
-                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-                .build()?;
+            let subscriber = listening_client(store_config.clone())?;
             stores.push(Store {
                 pool,
                 breaker: Breaker::new(),
@@ -746,6 +740,20 @@ async fn decode_off_runtime(value: Bytes, max_body: u64) -> Result<Slot, CodecEr
     tokio::task::spawn_blocking(move || codec::decode(&value, max_body))
         .await
         .unwrap_or(Err(CodecError::Payload))
+}
+
+/// A client that only listens (a subscription): it runs no command with a deadline of its own, and
+/// reconnects forever, 100 ms doubling to 2 s.
+pub(super) fn listening_client(
+    config: fred::types::config::Config,
+) -> Result<fred::clients::Client, fred::error::Error> {
+    Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build()
 }
 
 /// Keeps one client connected for as long as the L2 exists. fred's reconnect policy covers a

@@ -19,12 +19,11 @@ use std::time::{Duration, Instant};
 
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
-use fred::types::Builder;
+use fred::types::config::{Config, Server, ServerConfig};
 use futures_util::future::join_all;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::l2::{supervise, L2};
+use super::l2::{listening_client, supervise, L2};
 
 /// The sentinels' channel for a finished failover: `<name> <old-ip> <old-port> <new-ip> <new-port>`.
 const SWITCH_MASTER: &str = "+switch-master";
@@ -110,14 +109,7 @@ impl Watch {
                 database: None,
                 ..config.clone()
             };
-            match Builder::from_config(sentinel_config)
-                .with_connection_config(|c| {
-                    c.connection_timeout = Duration::from_secs(2);
-                    c.internal_command_timeout = Duration::from_secs(2);
-                })
-                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-                .build()
-            {
+            match listening_client(sentinel_config) {
                 Ok(client) => clients.push(client),
                 Err(error) => {
                     tracing::warn!(%error, %sentinel, "cannot watch this sentinel for failovers");
