@@ -162,7 +162,10 @@ fn stats(proxy: &Proxy) -> Response<ProxyBody> {
             "l2_writes": s.l2_writes,
             "l2_dropped_writes": s.l2_dropped_writes,
             "l2_corrupt": s.l2_corrupt,
+            "l2_failovers_followed": s.l2_failovers_followed,
             "l2_breaker_open": s.l2_breaker_open == 1,
+            "purges_unpublished": s.purges_unpublished,
+            "l2_purges_unfinished": s.l2_purges_unfinished,
         }),
     )
 }
@@ -192,6 +195,7 @@ pub fn purged(outcome: PurgeOutcome) -> Response<ProxyBody> {
         &json!({
             "l1_removed": outcome.l1_removed,
             "l2_removed": outcome.l2_removed,
+            "l2_pending": outcome.l2_pending,
             "broadcast": outcome.broadcast,
         }),
     )

@@ -7,12 +7,14 @@
 //! subscriber reconnect, or its receiver lagging flushes its L1 (L2 stays the truth). The receive
 //! loop is ours: fred's own helpers end silently on lag. A purge that cannot be published (Redis
 //! down) is applied locally, answered `"broadcast": false`, and re-applied to L2 and published when
-//! Redis returns.
+//! Redis returns. A purge some L2 store did not fully take (down, slow, a failed call) is done there
+//! when the store answers again, then applied to L1 and published once more: while the store held
+//! the old copy, any instance may have put it back in its L1.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
@@ -194,7 +196,7 @@ impl PurgeLog {
 /// Purges waiting for Redis; past this the oldest are replaced by one purge of everything (safe:
 /// L1s refill from L2 and the origin).
 const PENDING_CAPACITY: usize = 10_000;
-/// How often purges that could not be published are tried again.
+/// How often purges Redis missed (not published, or not done on a store) are tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(250);
 
 /// What travels on the channel, after the sequence number.
@@ -205,7 +207,7 @@ struct Message {
     purge: Purge,
 }
 
-/// Purges applied locally that Redis has not seen yet.
+/// Purges applied locally that Redis (or one of its stores) has not taken yet, in order.
 #[derive(Default)]
 pub struct Pending {
     // std Mutex: held to push or take, never across an .await.
@@ -213,8 +215,12 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Queues a purge, unless the same one already waits (a retry that failed again).
     fn push(&self, purge: Purge) {
         let mut purges = self.purges.lock().unwrap_or_else(|p| p.into_inner());
+        if purges.contains(&purge) {
+            return;
+        }
         if purges.len() >= PENDING_CAPACITY {
             purges.clear();
             purges.push_back(Purge {
@@ -244,6 +250,28 @@ impl Pending {
             purges.pop_front();
         }
     }
+
+    /// How many purges wait.
+    pub fn waiting(&self) -> usize {
+        self.purges.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Applies a purge to every L2 store; a store it did not fully reach is queued to get it when it
+/// answers again (see `finish_unfinished`). Returns how many entries it concerned and whether a
+/// store still owes it.
+pub(crate) async fn purge_l2(inner: &Inner, purge: &Purge, now: SystemTime) -> (u64, bool) {
+    let outcome = inner.cache.purge_l2(purge, now).await;
+    for &index in &outcome.unfinished {
+        tracing::warn!(
+            store = index,
+            "a Redis store did not take a purge; it gets it again when it answers"
+        );
+        if let Some(queue) = inner.unfinished.get(index) {
+            queue.push(purge.clone());
+        }
+    }
+    (outcome.concerned, !outcome.unfinished.is_empty())
 }
 
 impl Proxy {
@@ -294,26 +322,63 @@ async fn publish(inner: &Inner, purge: &Purge) -> bool {
     published
 }
 
-/// Publishes, in order, the purges Redis missed, after applying each to L2 (which was down too).
+/// Every `RETRY_EVERY`: the purges stores missed, then the purges not published.
 async fn retry_pending(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(RETRY_EVERY).await;
         let Some(inner) = inner.upgrade() else { return };
-        // L2 first, then the others' L1s: published first, another instance could refill its L1 from
-        // the copy still in L2.
-        while let Some(purge) = inner.pending.front() {
-            let Some(l2) = inner.cache.l2() else { break };
-            if !l2.ping().await {
-                break;
-            }
-            let now = inner.clock.now();
-            inner.cache.purge_l2(&purge, now).await;
-            if !publish(&inner, &purge).await {
-                break;
-            }
-            inner.pending.pop(&purge);
-            tracing::info!("a purge made while Redis was away is now published");
+        finish_unfinished(&inner).await;
+        publish_unpublished(&inner).await;
+    }
+}
+
+/// Purges a store missed, in order, done there once it answers. Each is then applied to this L1
+/// again and published again: while the store held the old copy, this or another instance may have
+/// put it back in its L1 (a read that began after the purge was logged is not refused).
+async fn finish_unfinished(inner: &Inner) {
+    let Some(l2) = inner.cache.l2() else { return };
+    for (index, queue) in inner.unfinished.iter().enumerate() {
+        if queue.front().is_none() || !l2.store_answers(index).await {
+            continue;
         }
+        while let Some(purge) = queue.front() {
+            if l2
+                .retry_purge(index, &purge, inner.clock.now())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            queue.pop(&purge);
+            // Logged before L1 is purged: a read of the old copy still under way is refused.
+            inner.purge_log.record(&purge);
+            inner.cache.purge_l1(&purge, inner.clock.now());
+            if !publish(inner, &purge).await {
+                inner.pending.push(purge);
+            }
+            tracing::info!(
+                store = index,
+                "a purge a Redis store missed is now done there, and published again"
+            );
+        }
+    }
+}
+
+/// Publishes, in order, the purges Redis missed, after applying each to L2 (which was down too).
+async fn publish_unpublished(inner: &Inner) {
+    // L2 first, then the others' L1s: published first, another instance could refill its L1 from
+    // the copy still in L2.
+    while let Some(purge) = inner.pending.front() {
+        let Some(l2) = inner.cache.l2() else { break };
+        if !l2.ping().await {
+            break;
+        }
+        purge_l2(inner, &purge, inner.clock.now()).await;
+        if !publish(inner, &purge).await {
+            break;
+        }
+        inner.pending.pop(&purge);
+        tracing::info!("a purge made while Redis was away is now published");
     }
 }
 
@@ -458,6 +523,24 @@ mod tests {
         assert_eq!(pending.front(), Some(everything.clone()), "kept");
         pending.pop(&everything);
         assert_ne!(pending.front(), Some(everything));
+    }
+
+    #[test]
+    fn a_purge_already_waiting_is_not_queued_twice() {
+        let key = |k: &str| Purge {
+            selector: Selector::Key(k.into()),
+            soft: false,
+        };
+        let pending = Pending::default();
+        pending.push(key("a"));
+        pending.push(key("b"));
+        pending.push(key("a"));
+        assert_eq!(pending.waiting(), 2);
+        pending.push(Purge {
+            soft: true,
+            ..key("a")
+        });
+        assert_eq!(pending.waiting(), 3, "a soft purge is another purge");
     }
 
     #[test]

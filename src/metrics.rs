@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 20] = [
+    let families: [(&str, &str, &str, u64); 22] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -235,6 +235,18 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "Times the invalidation subscriber (re)connected.",
             s.pubsub_reconnects,
         ),
+        (
+            "strata_purges_unpublished",
+            "gauge",
+            "Purges applied here that wait for Redis to publish them to the other instances.",
+            s.purges_unpublished,
+        ),
+        (
+            "strata_l2_purges_unfinished",
+            "gauge",
+            "Purges that wait for a Redis store that did not take them (summed over stores).",
+            s.l2_purges_unfinished,
+        ),
     ];
     for (name, kind, help, value) in families {
         let _ = writeln!(
@@ -298,6 +310,10 @@ pub struct StatsSnapshot {
     pub l2_dropped_writes: u64,
     pub l2_corrupt: u64,
     pub l2_failovers_followed: u64,
+    /// Purges waiting to be published (Redis was unreachable).
+    pub purges_unpublished: u64,
+    /// Purges waiting for an L2 store that did not take them, summed over the stores.
+    pub l2_purges_unfinished: u64,
     /// 1 while every Redis store is being skipped by its circuit breaker.
     pub l2_breaker_open: u64,
 }

@@ -370,6 +370,9 @@ async fn stats_reports_every_counter() {
         "origin_requests",
         "coalesced",
         "purges",
+        "l2_failovers_followed",
+        "purges_unpublished",
+        "l2_purges_unfinished",
     ] {
         int(name);
     }
@@ -456,7 +459,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     );
     let text = resp.text();
 
-    let families: [(&str, &str); 18] = [
+    let families: [(&str, &str); 20] = [
         ("strata_requests_total", "counter"),
         ("strata_hit_duration_seconds", "histogram"),
         ("strata_l2_duration_seconds", "histogram"),
@@ -475,6 +478,8 @@ async fn metrics_are_prometheus_text_with_every_family() {
         ("strata_invalidations_applied_total", "counter"),
         ("strata_pubsub_reconnects_total", "counter"),
         ("strata_purges_total", "counter"),
+        ("strata_purges_unpublished", "gauge"),
+        ("strata_l2_purges_unfinished", "gauge"),
     ];
     for (family, kind) in families {
         let help = format!("# HELP {family} ");

@@ -566,3 +566,47 @@ async fn an_l2_read_overtaken_by_a_purge_is_not_kept() {
         after.headers
     );
 }
+
+/// A purge that a store refuses (here: UNLINK denied by an ACL) while publishing works is answered
+/// `"l2_pending": true`. Meanwhile another instance can take the old copy from L2 into its L1; when
+/// the store takes the purge again, it is done there and published once more, so that copy goes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_a_store_missed_is_done_there_and_published_again() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    expect(&sget(&a, "/inv/missed").await, "MISS", "/inv/missed v1");
+    flush_l2(&a).await;
+    let key = "strata:e:shared.test/inv/missed";
+
+    assert_eq!(redis.cli(&["acl", "setuser", "default", "-unlink"]), "OK");
+    let v = purge(&a, json!({"key": "shared.test/inv/missed"})).await;
+    assert_eq!(
+        (&v["l2_pending"], &v["broadcast"], &v["l2_removed"]),
+        (&json!(true), &json!(true), &json!(0)),
+        "{v}"
+    );
+    assert_eq!(a.stats().l2_purges_unfinished, 1, "{:?}", a.stats());
+    assert_eq!(redis.cli(&["exists", key]), "1", "the store kept its copy");
+    wait_until("B applies the purge", || {
+        b.stats().invalidations_applied >= 1
+    })
+    .await;
+    // The copy the store kept is still served: B takes it into its L1.
+    expect(&sget(&b, "/inv/missed").await, "HIT-L2", "/inv/missed v1");
+    expect(&sget(&b, "/inv/missed").await, "HIT-L1", "/inv/missed v1");
+
+    assert_eq!(redis.cli(&["acl", "setuser", "default", "+unlink"]), "OK");
+    wait_until("A finishes the purge on the store", || {
+        a.stats().l2_purges_unfinished == 0
+    })
+    .await;
+    assert_eq!(redis.cli(&["exists", key]), "0", "the store's copy is gone");
+    wait_until("B applies the purge published again", || {
+        b.stats().invalidations_applied >= 2
+    })
+    .await;
+    expect(&sget(&b, "/inv/missed").await, "MISS", "/inv/missed v2");
+    expect(&sget(&a, "/inv/missed").await, "HIT-L2", "/inv/missed v2");
+}

@@ -344,4 +344,30 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
         a.stats(),
         b.stats()
     );
+
+    // A pattern purge reaches every master: SCAN on each, the UNLINKs of a page in one pipeline
+    // that the client routes key by key.
+    let purged = request(
+        "POST",
+        &a.admin_url("/purge"),
+        &[("content-type", "application/json")],
+        r#"{"pattern": "*/spread/*"}"#,
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    let reply: serde_json::Value = serde_json::from_str(&purged.text()).unwrap();
+    assert_eq!(
+        (&reply["l2_removed"], &reply["l2_pending"]),
+        (&serde_json::json!(30), &serde_json::json!(false)),
+        "{reply}"
+    );
+    let left: Vec<String> = cluster
+        .keys_per_node()
+        .concat()
+        .into_iter()
+        .filter(|k| k.contains("/spread/"))
+        .collect();
+    assert!(left.is_empty(), "left after the purge: {left:?}");
+    assert!(cluster.exists(&entry_key("/cold")), "/cold is not matched");
+    assert_eq!(a.stats().l2_errors, 0, "A {:?}", a.stats());
 }

@@ -885,3 +885,55 @@ async fn purges_log_no_keys_when_redacted() {
     );
     assert!(logs.contains("h:"), "no redacted key in the logs:\n{logs}");
 }
+
+/// Purges over more keys than one round trip takes (SCAN pages and UNLINK pipelines of 256): every
+/// matching key goes, each counted once, nothing else is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_of_many_l2_keys_take_them_all() {
+    let redis = RedisServer::start();
+    let origin = tagging_origin().await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    // Hard purges never read the values, so plain strings stand in for entries.
+    let seed = "for i = 1, tonumber(ARGV[1]) do \
+                  redis.call('set', KEYS[1] .. i, 'x') \
+                  if ARGV[2] ~= '' then redis.call('sadd', ARGV[2], string.sub(KEYS[1], 10) .. i) end \
+                end return 'OK'";
+    let seeded = |prefix: &str, n: &str, tag_set: &str| {
+        assert_eq!(redis.cli(&["eval", seed, "1", prefix, n, tag_set]), "OK");
+    };
+    seeded("strata:e:shared.test/bulk/", "1000", "");
+    seeded("strata:e:shared.test/tagged/", "600", "strata:t:many");
+    seeded("strata:e:shared.test/kept/", "10", "");
+    let under = |prefix: &str| {
+        redis
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(under("strata:e:shared.test/bulk/"), 1000);
+
+    let v = purge(&a, json!({"pattern": "shared.test/bulk/*"})).await;
+    assert_eq!(
+        (count(&v, "l2_removed"), &v["l2_pending"]),
+        (1000, &json!(false)),
+        "{v}"
+    );
+    assert_eq!(under("strata:e:shared.test/bulk/"), 0);
+
+    let v = purge(&a, json!({"tags": ["many"]})).await;
+    assert_eq!(
+        (count(&v, "l2_removed"), &v["l2_pending"]),
+        (600, &json!(false)),
+        "{v}"
+    );
+    assert_eq!(under("strata:e:shared.test/tagged/"), 0);
+    assert_eq!(
+        redis.cli(&["exists", "strata:t:many"]),
+        "0",
+        "the tag set goes too"
+    );
+
+    assert_eq!(under("strata:e:shared.test/kept/"), 10, "untouched");
+    assert_eq!(a.stats().l2_errors, 0, "{:?}", a.stats());
+}

@@ -42,8 +42,18 @@ const WRITE_QUEUE: usize = 1024;
 /// Numbers and publishes an invalidation atomically, so messages arrive in sequence order.
 const PUBLISH_SCRIPT: &str = "local seq = redis.call('incr', KEYS[1]); redis.call('publish', ARGV[1], seq .. ' ' .. ARGV[2]); return seq";
 
-/// How long one store may take over one purge (SCANs of a large keyspace included).
+/// How long one store may take over one purge (SCANs of a large keyspace included) while the
+/// purge's reply waits.
 const PURGE_DEADLINE: Duration = Duration::from_secs(10);
+/// The same for a purge a store missed, done again in the background: a pattern over a keyspace
+/// too large to SCAN within `PURGE_DEADLINE` must still finish some time.
+const PURGE_RETRY_DEADLINE: Duration = Duration::from_secs(120);
+/// Keys a purge takes per round trip (pipeline of UNLINKs, tag members).
+const PURGE_BATCH: usize = 256;
+/// Keys each SCAN call looks at (its COUNT).
+const SCAN_COUNT: u32 = 1000;
+/// Soft purges rewrite entries one by one (GET, SET): this many at once.
+const SOFT_PURGE_CONCURRENCY: usize = 16;
 /// A tag set outlives the entries it names by at least this much (it is small; an expired set would
 /// let a tag purge miss live entries).
 const TAG_SET_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -172,6 +182,19 @@ pub enum Lock {
     /// Redis cannot say: proceed without the fleet-wide lock.
     Unavailable,
 }
+
+/// What a purge did on the L2 stores.
+#[derive(Debug, Default)]
+pub struct L2Purge {
+    /// Entries removed (soft: marked stale).
+    pub concerned: u64,
+    /// Stores the purge did not fully reach (an error, a timeout): it must be done there again.
+    pub unfinished: Vec<usize>,
+}
+
+/// A purge did not reach every key it concerns on a store.
+#[derive(Debug)]
+pub struct Unfinished;
 
 pub struct LockToken {
     key: String,
@@ -475,85 +498,202 @@ impl L2 {
     }
 
     /// Applies a purge to every store (not only the active one: a failover list may hold copies in
-    /// several); returns how many entries it concerned.
-    pub async fn purge(&self, purge: &Purge, now: std::time::SystemTime) -> u64 {
-        let mut concerned = 0;
-        for store in &self.stores {
-            match tokio::time::timeout(PURGE_DEADLINE, self.purge_store(store, purge, now)).await {
-                Ok(n) => concerned += n,
-                Err(_) => tracing::warn!(
-                    "purge did not finish on a Redis store within {PURGE_DEADLINE:?}"
-                ),
+    /// several), all at once; says how many entries it concerned and which stores it did not fully
+    /// reach.
+    pub async fn purge(&self, purge: &Purge, now: std::time::SystemTime) -> L2Purge {
+        let results = futures_util::future::join_all(
+            (0..self.stores.len())
+                .map(|index| self.purge_store_within(index, purge, now, PURGE_DEADLINE)),
+        )
+        .await;
+        let mut outcome = L2Purge::default();
+        for (index, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(concerned) => outcome.concerned += concerned,
+                Err(Unfinished) => outcome.unfinished.push(index),
             }
         }
-        concerned
+        outcome
     }
 
-    async fn purge_store(&self, store: &Store, purge: &Purge, now: std::time::SystemTime) -> u64 {
-        let client = store.pool.next_connected().with_options(&self.options);
-        let mut tag_sets = Vec::new();
-        let keys: Vec<String> = match &purge.selector {
-            Selector::Key(key) => vec![self.entry_key(key)],
+    /// The number of stores (`REDIS_URL`'s list).
+    pub fn store_count(&self) -> usize {
+        self.stores.len()
+    }
+
+    /// Applies again, to store `index` alone, a purge it missed: `Err` unless every key it
+    /// concerns was reached this time.
+    pub async fn retry_purge(
+        &self,
+        index: usize,
+        purge: &Purge,
+        now: std::time::SystemTime,
+    ) -> Result<u64, Unfinished> {
+        self.purge_store_within(index, purge, now, PURGE_RETRY_DEADLINE)
+            .await
+    }
+
+    /// A purge on store `index`: `Err` unless every key it concerns was reached (any failed call,
+    /// a failed SCAN, or the deadline leaves it unfinished).
+    async fn purge_store_within(
+        &self,
+        index: usize,
+        purge: &Purge,
+        now: std::time::SystemTime,
+        deadline: Duration,
+    ) -> Result<u64, Unfinished> {
+        let store = self.stores.get(index).ok_or(Unfinished)?;
+        match tokio::time::timeout(deadline, self.purge_store(store, purge, now)).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    store = index,
+                    "purge did not finish on a Redis store within {deadline:?}"
+                );
+                Err(Unfinished)
+            }
+        }
+    }
+
+    async fn purge_store(
+        &self,
+        store: &Store,
+        purge: &Purge,
+        now: std::time::SystemTime,
+    ) -> Result<u64, Unfinished> {
+        let mut concerned = 0;
+        match &purge.selector {
+            Selector::Key(key) => {
+                concerned += self
+                    .remove(store, vec![self.entry_key(key)], purge.soft, now)
+                    .await?;
+            }
             Selector::Pattern(pattern) => {
                 let pattern = format!(
                     "{}e:{}",
                     escape_glob(&self.prefix),
                     escape_glob_but_stars(pattern)
                 );
-                self.scan(store, &pattern).await
+                // Removed page by page as SCAN finds them: memory stays one batch whatever the
+                // keyspace, and the first entries go at once.
+                let client = store.pool.next_connected();
+                let mut found = if client.is_clustered() {
+                    client
+                        .scan_cluster_buffered(pattern, Some(SCAN_COUNT), None)
+                        .boxed()
+                } else {
+                    client
+                        .scan_buffered(pattern, Some(SCAN_COUNT), None)
+                        .boxed()
+                };
+                let mut batch = Vec::with_capacity(PURGE_BATCH);
+                while let Some(key) = found.next().await {
+                    let key = key.map_err(|error| {
+                        tracing::warn!(%error, "SCAN failed during a purge");
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        Unfinished
+                    })?;
+                    if let Some(key) = key.as_str() {
+                        batch.push(key.to_owned());
+                    }
+                    if batch.len() >= PURGE_BATCH {
+                        let keys = std::mem::replace(&mut batch, Vec::with_capacity(PURGE_BATCH));
+                        concerned += self.remove(store, keys, purge.soft, now).await?;
+                    }
+                }
+                if !batch.is_empty() {
+                    concerned += self.remove(store, batch, purge.soft, now).await?;
+                }
             }
             Selector::Tags(tags) => {
-                let mut keys = Vec::new();
+                let client = store.pool.next_connected().with_options(&self.options);
                 for tag in tags {
                     let set = self.tag_key(tag);
-                    let members: Option<Vec<String>> =
-                        self.call(store, client.smembers(set.as_str())).await;
-                    keys.extend(
-                        members
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|m| self.entry_key(m)),
-                    );
-                    tag_sets.push(set);
+                    let members: Vec<String> = self
+                        .call(store, client.smembers(set.as_str()))
+                        .await
+                        .ok_or(Unfinished)?;
+                    for members in members.chunks(PURGE_BATCH) {
+                        let keys = members.iter().map(|m| self.entry_key(m)).collect();
+                        concerned += self.remove(store, keys, purge.soft, now).await?;
+                    }
+                    // A soft purge leaves the entries (stale), so their tags still name them.
+                    if !purge.soft {
+                        self.remove(store, vec![set], false, now).await?;
+                    }
                 }
-                keys
-            }
-        };
-        let mut concerned = 0;
-        for key in &keys {
-            let done = if purge.soft {
-                self.expire_in_place(store, key, now).await
-            } else {
-                let removed: Option<i64> = self.call(store, client.unlink(key.as_str())).await;
-                removed.is_some_and(|n| n > 0)
-            };
-            concerned += u64::from(done);
-        }
-        if !purge.soft {
-            for set in tag_sets {
-                let _: Option<i64> = self.call(store, client.unlink(set.as_str())).await;
             }
         }
-        concerned
+        Ok(concerned)
     }
 
-    /// Soft purge of one Redis entry: rewritten stale from `now` on, its TTL kept.
+    /// Removes (hard) or marks stale (soft) these Redis keys; how many existed (were fresh).
+    async fn remove(
+        &self,
+        store: &Store,
+        keys: Vec<String>,
+        soft: bool,
+        now: std::time::SystemTime,
+    ) -> Result<u64, Unfinished> {
+        if soft {
+            let mut concerned = 0;
+            for keys in keys.chunks(SOFT_PURGE_CONCURRENCY) {
+                let marked = futures_util::future::join_all(
+                    keys.iter().map(|key| self.expire_in_place(store, key, now)),
+                )
+                .await;
+                for done in marked {
+                    concerned += u64::from(done?);
+                }
+            }
+            return Ok(concerned);
+        }
+        // One round trip per batch: a pipeline of single-key UNLINKs, which a cluster client
+        // routes key by key (a multi-key UNLINK would be refused across hash slots).
+        let pipeline = store.pool.next_connected().pipeline();
+        for key in &keys {
+            let queued: Result<(), fred::error::Error> = pipeline.unlink(key.as_str()).await;
+            queued.map_err(|_| Unfinished)?;
+        }
+        let replies: Vec<Result<i64, fred::error::Error>> = self
+            .call(store, async { Ok(pipeline.try_all::<i64>().await) })
+            .await
+            .ok_or(Unfinished)?;
+        let mut removed = 0;
+        for reply in replies {
+            match reply {
+                Ok(n) => removed += u64::from(n > 0),
+                Err(error) => {
+                    tracing::debug!(%error, "UNLINK failed during a purge");
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(Unfinished);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Soft purge of one Redis entry: rewritten stale from `now` on, its TTL kept. `Ok(false)` when
+    /// there was nothing fresh to mark (absent, already stale, unreadable).
     async fn expire_in_place(
         &self,
         store: &Store,
         redis_key: &str,
         now: std::time::SystemTime,
-    ) -> bool {
+    ) -> Result<bool, Unfinished> {
         let client = store.pool.next_connected().with_options(&self.options);
-        let value: Option<Option<Bytes>> = self.call(store, client.get(redis_key)).await;
-        let Some(value) = value.flatten() else {
-            return false;
+        let value: Option<Bytes> = self
+            .call(store, client.get(redis_key))
+            .await
+            .ok_or(Unfinished)?;
+        let Some(value) = value else {
+            return Ok(false);
         };
         let Ok(Slot::Entry(entry)) = decode_off_runtime(value, self.max_body).await else {
-            return false;
+            return Ok(false);
         };
         if !entry.is_fresh(now) {
-            return false;
+            return Ok(false);
         }
         let expired = Slot::Entry(Arc::new(entry.expired_at(now)));
         let value = Bytes::from(encode_off_runtime(&expired).await);
@@ -563,37 +703,7 @@ impl L2 {
                 client.set(redis_key, value, Some(Expiration::KEEPTTL), None, false),
             )
             .await;
-        written.is_some()
-    }
-
-    /// Every key matching `pattern` on this store (all masters of a cluster), within the deadline.
-    async fn scan(&self, store: &Store, pattern: &str) -> Vec<String> {
-        let client = store.pool.next_connected();
-        let mut keys = Vec::new();
-        let mut found = if client.is_clustered() {
-            client
-                .scan_cluster_buffered(pattern.to_owned(), Some(1000), None)
-                .boxed()
-        } else {
-            client
-                .scan_buffered(pattern.to_owned(), Some(1000), None)
-                .boxed()
-        };
-        while let Some(key) = found.next().await {
-            match key {
-                Ok(key) => {
-                    if let Some(key) = key.as_str() {
-                        keys.push(key.to_owned());
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "SCAN failed during a purge");
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            }
-        }
-        keys
+        written.map(|()| true).ok_or(Unfinished)
     }
 
     /// Waits until every queued write has been attempted.
@@ -654,18 +764,26 @@ impl L2 {
     /// Whether some store answers `PING` now (readiness), trying them in priority order and ignoring
     /// the breakers: this is the check that tells.
     pub async fn ping(&self) -> bool {
-        for store in &self.stores {
-            let client = store.pool.next_connected().with_options(&self.options);
-            let pong = tokio::time::timeout(
-                self.timeout + Duration::from_millis(5),
-                client.ping::<String>(None),
-            )
-            .await;
-            if matches!(pong, Ok(Ok(_))) {
+        for index in 0..self.stores.len() {
+            if self.store_answers(index).await {
                 return true;
             }
         }
         false
+    }
+
+    /// Whether store `index` answers `PING` now, whatever its breaker says.
+    pub async fn store_answers(&self, index: usize) -> bool {
+        let Some(store) = self.stores.get(index) else {
+            return false;
+        };
+        let client = store.pool.next_connected().with_options(&self.options);
+        let pong = tokio::time::timeout(
+            self.timeout + Duration::from_millis(5),
+            client.ping::<String>(None),
+        )
+        .await;
+        matches!(pong, Ok(Ok(_)))
     }
 
     /// The invalidation channel (`{prefix}invalidate`).

@@ -11,7 +11,7 @@ use http::HeaderMap;
 use super::entry::Entry;
 use super::key::variant_key;
 use super::l1::{Slot, VaryRecord, L1};
-use super::l2::L2;
+use super::l2::{L2Purge, L2};
 use super::PurgeReason;
 use crate::config::Config;
 use crate::invalidate::{Purge, Selector};
@@ -232,11 +232,12 @@ impl Cache {
         concerned.get()
     }
 
-    /// Applies a purge to every L2 store; returns how many Redis entries it concerned.
-    pub async fn purge_l2(&self, purge: &Purge, now: SystemTime) -> u64 {
+    /// Applies a purge to every L2 store: how many Redis entries it concerned, and the stores it
+    /// did not fully reach.
+    pub async fn purge_l2(&self, purge: &Purge, now: SystemTime) -> L2Purge {
         match &self.l2 {
             Some(l2) => l2.purge(purge, now).await,
-            None => 0,
+            None => L2Purge::default(),
         }
     }
 

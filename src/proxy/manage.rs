@@ -141,19 +141,22 @@ impl Proxy {
         inner.purge_log.record(&purge);
         let now = inner.clock.now();
         let l1_removed = inner.cache.purge_l1(&purge, now);
-        let (l2_removed, broadcast) = self.purge_beyond_l1(&purge, now).await;
         PurgeOutcome {
             l1_removed,
-            l2_removed,
-            broadcast,
+            ..self.purge_beyond_l1(&purge, now).await
         }
     }
 
     /// A purge already logged and applied to this L1 goes to every L2 store, then to the other
     /// instances, in that order: told first, another instance could refill its L1 from the copy
-    /// still in L2. Returns how many L2 entries it concerned and whether it was published.
-    pub(crate) async fn purge_beyond_l1(&self, purge: &Purge, now: SystemTime) -> (u64, bool) {
-        let l2_removed = self.0.cache.purge_l2(purge, now).await;
-        (l2_removed, self.broadcast(purge).await)
+    /// still in L2. A store that did not take it gets it later (`invalidate::purge_l2`).
+    pub(crate) async fn purge_beyond_l1(&self, purge: &Purge, now: SystemTime) -> PurgeOutcome {
+        let (l2_removed, l2_pending) = crate::invalidate::purge_l2(&self.0, purge, now).await;
+        PurgeOutcome {
+            l1_removed: 0,
+            l2_removed,
+            l2_pending,
+            broadcast: self.broadcast(purge).await,
+        }
     }
 }

@@ -52,6 +52,9 @@ use respond::{Detail, Fwd};
 pub struct PurgeOutcome {
     pub l1_removed: u64,
     pub l2_removed: u64,
+    /// Whether some L2 store did not take it yet (it gets it, and it is published again, when the
+    /// store answers).
+    pub l2_pending: bool,
     /// Whether it was published to the other instances.
     pub broadcast: bool,
 }
@@ -75,6 +78,8 @@ pub(crate) struct Inner {
     pub(crate) purge_log: PurgeLog,
     /// Purges applied here that Redis has not published yet.
     pub(crate) pending: Pending,
+    /// Per L2 store, purges it did not fully take; done there when it answers again.
+    pub(crate) unfinished: Vec<Pending>,
     /// This process on the invalidation channel (its own messages are not applied twice).
     pub(crate) instance: String,
 }
@@ -244,6 +249,7 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, StartError> {
         let origin = Origin::new(&config)?;
         let cache = Cache::new(&config)?;
+        let stores = cache.l2().map_or(0, |l2| l2.store_count());
         let proxy = Proxy(Arc::new(Inner {
             cache,
             coalescer: Coalescer::new(),
@@ -252,6 +258,7 @@ impl Proxy {
             clock: Clock::default(),
             purge_log: PurgeLog::default(),
             pending: Pending::default(),
+            unfinished: (0..stores).map(|_| Pending::default()).collect(),
             instance: instance_name(),
             config,
         }));
@@ -288,6 +295,13 @@ impl Proxy {
             snapshot.l2_failovers_followed = get(&l2.stats.failovers_followed);
             snapshot.l2_breaker_open = u64::from(l2.breaker_open());
         }
+        snapshot.purges_unpublished = self.0.pending.waiting() as u64;
+        snapshot.l2_purges_unfinished = self
+            .0
+            .unfinished
+            .iter()
+            .map(Pending::waiting)
+            .sum::<usize>() as u64;
         snapshot
     }
 
