@@ -26,6 +26,10 @@ pub const ORIGIN_IDLE_TIMEOUT: &str = "ORIGIN_IDLE_TIMEOUT";
 pub const ORIGIN_MAX_IDLE: &str = "ORIGIN_MAX_IDLE";
 /// The largest ORIGIN_MAX_IDLE: more idle sockets than this would crowd the file descriptor limit.
 const MAX_ORIGIN_IDLE: usize = 65_536;
+pub const ORIGIN_MAX_CONNS: &str = "ORIGIN_MAX_CONNS";
+/// The largest ORIGIN_MAX_CONNS (tokio's semaphore holds fewer than 2^61 permits; no origin takes
+/// more connections than this from one instance anyway).
+const MAX_ORIGIN_CONNS: usize = 1_000_000;
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -81,6 +85,10 @@ pub struct RawArgs {
     /// Kept-alive origin connections held idle at most; 0 closes each after its response.
     #[arg(long, env = ORIGIN_MAX_IDLE, value_name = ORIGIN_MAX_IDLE, default_value = "1024")]
     pub origin_max_idle: String,
+    /// Requests in flight to the origin at most (so connections open to it); the others wait up
+    /// to ORIGIN_TIMEOUT for a turn, then get 503. 0: no limit.
+    #[arg(long, env = ORIGIN_MAX_CONNS, value_name = ORIGIN_MAX_CONNS, default_value = "0")]
+    pub origin_max_conns: String,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = SHUTDOWN_TIMEOUT, value_name = SHUTDOWN_TIMEOUT, default_value = "30s")]
     pub shutdown_timeout: String,
@@ -149,6 +157,8 @@ pub struct Config {
     pub origin_timeout: Duration,
     pub origin_idle_timeout: Duration,
     pub origin_max_idle: usize,
+    /// `None`: no limit.
+    pub origin_max_conns: Option<usize>,
     pub shutdown_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
     pub log_format: LogFormat,
@@ -249,6 +259,7 @@ const FLAGS: &[(&str, &str)] = &[
     (ORIGIN_TIMEOUT, "--origin-timeout"),
     (ORIGIN_IDLE_TIMEOUT, "--origin-idle-timeout"),
     (ORIGIN_MAX_IDLE, "--origin-max-idle"),
+    (ORIGIN_MAX_CONNS, "--origin-max-conns"),
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (TUNNEL_IDLE_TIMEOUT, "--tunnel-idle-timeout"),
     (LOG_FORMAT, "--log-format"),
@@ -361,6 +372,17 @@ impl Config {
                         format!("expected 0 to {MAX_ORIGIN_IDLE}"),
                     )
                 })?,
+            origin_max_conns: match raw.origin_max_conns.trim().parse::<usize>() {
+                Ok(0) => None,
+                Ok(n) if n <= MAX_ORIGIN_CONNS => Some(n),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        ORIGIN_MAX_CONNS,
+                        &raw.origin_max_conns,
+                        format!("expected 0 (no limit) to {MAX_ORIGIN_CONNS}"),
+                    ))
+                }
+            },
             shutdown_timeout: parse_duration(SHUTDOWN_TIMEOUT, &raw.shutdown_timeout)?,
             tunnel_idle_timeout: parse_positive_duration(
                 TUNNEL_IDLE_TIMEOUT,
@@ -638,6 +660,7 @@ mod tests {
         assert_eq!(c.origin_timeout, Duration::from_secs(30));
         assert_eq!(c.origin_idle_timeout, Duration::from_secs(55));
         assert_eq!(c.origin_max_idle, 1024);
+        assert_eq!(c.origin_max_conns, None);
         assert_eq!(c.tunnel_idle_timeout, Duration::from_secs(300));
         assert_eq!(c.fallback_max_age, None);
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8080");

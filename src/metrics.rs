@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 22] = [
+    let families: [(&str, &str, &str, u64); 25] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -204,6 +204,24 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "gauge",
             "Kept-alive origin connections waiting for a request.",
             s.origin_idle_connections,
+        ),
+        (
+            "strata_origin_in_flight",
+            "gauge",
+            "Requests in flight to the origin (counted only under ORIGIN_MAX_CONNS).",
+            s.origin_in_flight,
+        ),
+        (
+            "strata_origin_waiting",
+            "gauge",
+            "Requests waiting for an ORIGIN_MAX_CONNS slot.",
+            s.origin_waiting,
+        ),
+        (
+            "strata_origin_busy_total",
+            "counter",
+            "Requests answered 503: no ORIGIN_MAX_CONNS slot within ORIGIN_TIMEOUT.",
+            s.origin_busy,
         ),
         (
             "strata_purges_total",
@@ -293,6 +311,12 @@ pub struct StatsSnapshot {
     pub origin_connections: u64,
     /// Kept-alive origin connections idle in the pool now.
     pub origin_idle_connections: u64,
+    /// Requests in flight to the origin now (counted under ORIGIN_MAX_CONNS only).
+    pub origin_in_flight: u64,
+    /// Requests waiting for an ORIGIN_MAX_CONNS slot now.
+    pub origin_waiting: u64,
+    /// Requests answered 503 for want of an ORIGIN_MAX_CONNS slot, since start.
+    pub origin_busy: u64,
     pub coalesced: u64,
     pub refreshes: u64,
     pub l1_bytes: u64,

@@ -373,6 +373,9 @@ async fn stats_reports_every_counter() {
         "l2_failovers_followed",
         "purges_unpublished",
         "l2_purges_unfinished",
+        "origin_in_flight",
+        "origin_waiting",
+        "origin_busy",
     ] {
         int(name);
     }
@@ -459,7 +462,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     );
     let text = resp.text();
 
-    let families: [(&str, &str); 20] = [
+    let families: [(&str, &str); 23] = [
         ("strata_requests_total", "counter"),
         ("strata_hit_duration_seconds", "histogram"),
         ("strata_l2_duration_seconds", "histogram"),
@@ -480,6 +483,9 @@ async fn metrics_are_prometheus_text_with_every_family() {
         ("strata_purges_total", "counter"),
         ("strata_purges_unpublished", "gauge"),
         ("strata_l2_purges_unfinished", "gauge"),
+        ("strata_origin_in_flight", "gauge"),
+        ("strata_origin_waiting", "gauge"),
+        ("strata_origin_busy_total", "counter"),
     ];
     for (family, kind) in families {
         let help = format!("# HELP {family} ");

@@ -148,7 +148,7 @@ fn durations_parse_in_operator_units() {
 
 #[test]
 fn from_vars_errors_name_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 10] = [
+    let cases: [(&[(&str, &str)], &str); 12] = [
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
             "CACHE_SIZE_MB",
@@ -178,6 +178,14 @@ fn from_vars_errors_name_the_variable() {
         (
             &[("ORIGIN_URL", "http://o"), ("ORIGIN_MAX_IDLE", "100000")],
             "ORIGIN_MAX_IDLE",
+        ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("ORIGIN_MAX_CONNS", "-1")],
+            "ORIGIN_MAX_CONNS",
+        ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("ORIGIN_MAX_CONNS", "2000000")],
+            "ORIGIN_MAX_CONNS",
         ),
         (
             &[

@@ -488,6 +488,93 @@ async fn origin_connections_are_kept_alive_and_reused() {
     );
 }
 
+/// An origin whose `/held/*` answers stream ten chunks 150 ms apart (about 1.5 s in flight, never
+/// idle for an ORIGIN_TIMEOUT of 500 ms or more), everything else at once; all uncacheable.
+async fn trickling_origin() -> MockOrigin {
+    MockOrigin::start(|r| {
+        if r.path.starts_with("/held/") {
+            let chunks = (0..10).map(|i| Bytes::from(format!("{i};"))).collect();
+            Reply::chunks(chunks, Duration::from_millis(150)).cc("no-store")
+        } else {
+            Reply::ok("quick").cc("no-store")
+        }
+    })
+    .await
+}
+
+/// GETs of /held/0 and /held/1 on `proxy`, running; returns once the origin has both.
+async fn hold_two_slots(
+    proxy: &TestProxy,
+    origin: &MockOrigin,
+) -> Vec<tokio::task::JoinHandle<Resp>> {
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let url = proxy.url(&format!("/held/{i}"));
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect();
+    wait_until("the origin has both held requests", || {
+        origin.hits("/held/0") == 1 && origin.hits("/held/1") == 1
+    })
+    .await;
+    held
+}
+
+/// ORIGIN_MAX_CONNS bounds the requests in flight to the origin: past it a request waits for a
+/// slot and goes out when one frees (on a kept connection: the origin sees no third), or gets 503
+/// with Retry-After when none frees within ORIGIN_TIMEOUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_max_conns_bounds_the_requests_in_flight() {
+    let origin = trickling_origin().await;
+    let proxy = TestProxy::start(
+        &origin.url(),
+        &[("ORIGIN_MAX_CONNS", "2"), ("ORIGIN_TIMEOUT", "5s")],
+    )
+    .await;
+    let held = hold_two_slots(&proxy, &origin).await;
+    assert_eq!(proxy.stats().origin_in_flight, 2, "{:?}", proxy.stats());
+    let url = proxy.url("/third");
+    let third = tokio::spawn(async move { get(&url, &[]).await });
+    wait_until("the third request waits for a slot", || {
+        proxy.stats().origin_waiting == 1
+    })
+    .await;
+    assert_eq!(origin.hits("/third"), 0, "went out past the limit");
+    for (i, answer) in held.into_iter().enumerate() {
+        let r = within("a held request", secs(10), answer).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.text().len()), (200, 20), "/held/{i}");
+    }
+    let r = within("the third request", secs(10), third).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "quick"));
+    assert_eq!(origin.connections(), 2, "two connections carried all three");
+    let s = proxy.stats();
+    assert_eq!((s.origin_waiting, s.origin_busy), (0, 0), "{s:?}");
+    wait_until("every slot given back", || {
+        proxy.stats().origin_in_flight == 0
+    })
+    .await;
+
+    // No slot frees within ORIGIN_TIMEOUT: 503, and the origin never sees the request.
+    let origin = trickling_origin().await;
+    let proxy = TestProxy::start(
+        &origin.url(),
+        &[("ORIGIN_MAX_CONNS", "2"), ("ORIGIN_TIMEOUT", "500ms")],
+    )
+    .await;
+    let held = hold_two_slots(&proxy, &origin).await;
+    let r = get(&proxy.url("/turned-away"), &[]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(origin.hits("/turned-away"), 0);
+    assert_eq!(proxy.stats().origin_busy, 1, "{:?}", proxy.stats());
+    for answer in held {
+        let r = within("a held request", secs(10), answer).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let r = get(&proxy.url("/after"), &[]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "quick"));
+}
+
 /// ORIGIN_MAX_IDLE bounds the connections kept open between requests: after a burst of eight, two
 /// stay and the others are closed; with 0, every request gets a connection of its own that is closed
 /// after its response.

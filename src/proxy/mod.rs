@@ -284,6 +284,9 @@ impl Proxy {
         snapshot.l1_evictions = l1.evictions();
         snapshot.origin_connections = self.0.origin.connections_opened();
         snapshot.origin_idle_connections = self.0.origin.idle_connections();
+        snapshot.origin_in_flight = self.0.origin.in_flight();
+        snapshot.origin_waiting = self.0.origin.waiting();
+        snapshot.origin_busy = self.0.origin.busy();
         if let Some(l2) = self.0.cache.l2() {
             let get =
                 |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -941,6 +944,21 @@ impl Proxy {
                     fwd: Fwd::UriMiss,
                 },
             ),
+            OriginError::Busy(_) => {
+                let mut busy = respond::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 Service Unavailable: the origin has ORIGIN_MAX_CONNS requests in flight\n",
+                    Detail::Miss {
+                        stored: false,
+                        fwd: Fwd::UriMiss,
+                    },
+                );
+                busy.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                busy
+            }
             OriginError::Unreachable(_) | OriginError::Failed(_) => respond::text(
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the origin could not be reached\n",

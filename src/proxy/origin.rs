@@ -6,6 +6,12 @@
 //! connection (warm in the origin's caches too), and the connection goes back to the stack when the
 //! response body has been read to its end. Nothing is spawned per request; a connection costs one
 //! task for its lifetime.
+//!
+//! `ORIGIN_MAX_CONNS` bounds the requests in flight to the origin (so the connections open to it:
+//! a new one is opened only when every kept one is busy). A request takes a slot before it goes
+//! out, and gives it back when its connection goes back to the pool or is closed (its response read
+//! or dropped); without a free slot a request waits up to `ORIGIN_TIMEOUT`, then fails as
+//! [`OriginError::Busy`] (503). An upgraded (WebSocket) connection gives its slot back at once.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +27,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -43,6 +50,8 @@ pub enum OriginError {
     Timeout(Duration),
     #[error("origin request failed: {0}")]
     Failed(String),
+    #[error("ORIGIN_MAX_CONNS requests stayed in flight to the origin for {0:?}")]
+    Busy(Duration),
 }
 
 pub struct Origin {
@@ -57,6 +66,10 @@ pub struct Origin {
     /// The path of `ORIGIN_URL` without its trailing slash ("" when none).
     prefix: String,
     timeout: Duration,
+    /// Requests waiting for a slot now.
+    waiting: AtomicU64,
+    /// Requests that found no slot within `ORIGIN_TIMEOUT`.
+    busy: AtomicU64,
 }
 
 impl Origin {
@@ -96,6 +109,7 @@ impl Origin {
         let idle = Arc::new(IdlePool::new(
             config.origin_idle_timeout,
             config.origin_max_idle,
+            config.origin_max_conns,
         ));
         IdlePool::sweep_in_background(&idle);
         Ok(Origin {
@@ -106,6 +120,8 @@ impl Origin {
             opened: AtomicU64::new(0),
             prefix,
             timeout: config.origin_timeout,
+            waiting: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
         })
     }
 
@@ -135,8 +151,9 @@ impl Origin {
                 .headers_mut()
                 .insert(header::HOST, self.authority.clone());
         }
+        let slot = self.take_slot().await?;
         let upload = request.body().upload_progress();
-        let exchange = self.exchange(request);
+        let exchange = self.exchange(request, slot);
         let Some(upload) = upload else {
             return match tokio::time::timeout(self.timeout, exchange).await {
                 Err(_) => Err(OriginError::Timeout(self.timeout)),
@@ -156,8 +173,50 @@ impl Origin {
         }
     }
 
+    /// Under `ORIGIN_MAX_CONNS`, a free slot at once or the first one freed within
+    /// `ORIGIN_TIMEOUT`.
+    async fn take_slot(&self) -> Result<Option<Slot>, OriginError> {
+        let Some((_, slots)) = &self.idle.slots else {
+            return Ok(None);
+        };
+        let slot = || Some(Slot(Some(self.idle.clone())));
+        if let Ok(permit) = slots.try_acquire() {
+            permit.forget();
+            return Ok(slot());
+        }
+        let _waiting = Waiting::new(&self.waiting);
+        match tokio::time::timeout(self.timeout, slots.acquire()).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(slot())
+            }
+            // Timed out (the semaphore is never closed).
+            _ => {
+                self.busy.fetch_add(1, Ordering::Relaxed);
+                Err(OriginError::Busy(self.timeout))
+            }
+        }
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Requests waiting for a slot under `ORIGIN_MAX_CONNS` now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight to the origin now, when `ORIGIN_MAX_CONNS` counts them (else 0).
+    pub fn in_flight(&self) -> u64 {
+        self.idle.slots.as_ref().map_or(0, |(max, slots)| {
+            max.saturating_sub(slots.available_permits()) as u64
+        })
+    }
+
+    /// Requests that found no slot within `ORIGIN_TIMEOUT` (answered 503) since start.
+    pub fn busy(&self) -> u64 {
+        self.busy.load(Ordering::Relaxed)
     }
 
     /// Connections to the origin opened since start.
@@ -176,6 +235,7 @@ impl Origin {
     async fn exchange(
         &self,
         mut request: Request<ProxyBody>,
+        slot: Option<Slot>,
     ) -> Result<Response<OriginBody>, OriginError> {
         let mut fresh_only = false;
         loop {
@@ -196,7 +256,7 @@ impl Origin {
                 None => (Box::pin(self.connect()).await?, false, None),
             };
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(response, sender)),
+                Ok(response) => return Ok(self.wrap(response, sender, slot)),
                 Err(mut error) => match (error.take_message(), replay.take()) {
                     // The origin closed a kept-alive connection before our request went out on it
                     // (its idle timeout met our reuse): nothing was sent, so another connection may
@@ -241,15 +301,23 @@ impl Origin {
         &self,
         response: Response<Incoming>,
         sender: SendRequest<ProxyBody>,
+        slot: Option<Slot>,
     ) -> Response<OriginBody> {
-        // After a 101 the connection belongs to the upgraded protocol, never to the pool.
+        // After a 101 the connection belongs to the upgraded protocol, never to the pool (and its
+        // slot is given back here).
         let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
         let (parts, body) = response.into_parts();
         let mut body = OriginBody {
             body,
-            connection: reusable.then(|| Checkin {
-                pool: Arc::downgrade(&self.idle),
-                sender,
+            connection: reusable.then(|| {
+                // From here the checkin holds the slot, if there is one.
+                if let Some(slot) = slot {
+                    slot.hand_over();
+                }
+                Checkin {
+                    pool: Arc::downgrade(&self.idle),
+                    sender,
+                }
             }),
         };
         if body.body.is_end_stream() {
@@ -264,14 +332,26 @@ impl Origin {
 /// response).
 pub struct OriginBody {
     body: Incoming,
+    /// Under `ORIGIN_MAX_CONNS`, this holds the request's slot.
     connection: Option<Checkin>,
 }
 
 impl OriginBody {
+    /// The response was read to its end: the connection goes back to the pool.
     fn release(&mut self) {
         if let Some(checkin) = self.connection.take() {
             if let Some(pool) = checkin.pool.upgrade() {
+                pool.give_back_slot();
                 pool.checkin(checkin.sender);
+            }
+        }
+    }
+
+    /// The response cannot be read to its end (an error, dropped early): the connection closes.
+    fn discard(&mut self) {
+        if let Some(checkin) = self.connection.take() {
+            if let Some(pool) = checkin.pool.upgrade() {
+                pool.give_back_slot();
             }
         }
     }
@@ -293,7 +373,7 @@ impl Body for OriginBody {
             // Trailers end a chunked body, and readers stop there (hyper's server drops the body
             // after them): by then hyper has finished reading the response.
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.connection = None,
+            Poll::Ready(Some(Err(_))) => this.discard(),
             Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
         }
         polled
@@ -313,7 +393,44 @@ impl Drop for OriginBody {
         // A reader may stop at `is_end_stream` without polling for the end: the body is complete.
         if self.body.is_end_stream() {
             self.release();
+        } else {
+            self.discard();
         }
+    }
+}
+
+/// One request's `ORIGIN_MAX_CONNS` slot until its response arrives: given back if dropped before
+/// (an error, a cancelled request), else handed over to the response's [`Checkin`]. (Response
+/// bodies do not carry a permit of their own: every answer would be a word larger.)
+struct Slot(Option<Arc<IdlePool>>);
+
+impl Slot {
+    fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.give_back_slot();
+        }
+    }
+}
+
+/// Counts a request among those waiting for a slot while it waits (cancelled included).
+struct Waiting<'a>(&'a AtomicU64);
+
+impl Waiting<'_> {
+    fn new(waiting: &AtomicU64) -> Waiting<'_> {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -333,14 +450,23 @@ struct IdlePool {
     idle: Mutex<Vec<Idle>>,
     timeout: Duration,
     capacity: usize,
+    /// `ORIGIN_MAX_CONNS` and a permit per free slot (taken permits are forgotten and added back).
+    slots: Option<(usize, Semaphore)>,
 }
 
 impl IdlePool {
-    fn new(timeout: Duration, capacity: usize) -> IdlePool {
+    fn new(timeout: Duration, capacity: usize, max_conns: Option<usize>) -> IdlePool {
         IdlePool {
             idle: Mutex::new(Vec::new()),
             timeout,
             capacity,
+            slots: max_conns.map(|max| (max, Semaphore::new(max))),
+        }
+    }
+
+    fn give_back_slot(&self) {
+        if let Some((_, slots)) = &self.slots {
+            slots.add_permits(1);
         }
     }
 
