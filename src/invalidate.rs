@@ -198,6 +198,9 @@ impl PurgeLog {
 const PENDING_CAPACITY: usize = 10_000;
 /// How often purges Redis missed (not published, or not done on a store) are tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(250);
+/// The longest pause between tries of a store that keeps failing a purge (the pause doubles from
+/// `RETRY_EVERY` on each failed round).
+const RETRY_PAUSE_LIMIT: Duration = Duration::from_secs(30);
 
 /// What travels on the channel, after the sequence number.
 #[derive(Serialize, Deserialize)]
@@ -215,10 +218,11 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Queues a purge, unless the same one already waits (a retry that failed again).
+    /// Queues a purge, unless the same one already waits behind the front (a retry that failed
+    /// again). The front may be under way, and what it missed since began must be done after it.
     fn push(&self, purge: Purge) {
         let mut purges = self.purges.lock().unwrap_or_else(|p| p.into_inner());
-        if purges.contains(&purge) {
+        if purges.iter().skip(1).any(|queued| *queued == purge) {
             return;
         }
         if purges.len() >= PENDING_CAPACITY {
@@ -251,6 +255,17 @@ impl Pending {
         }
     }
 
+    /// Moves `failed` from the front to the back, if it is still in front: purges commute, and the
+    /// ones behind it must not wait for one the store keeps refusing.
+    fn requeue(&self, failed: &Purge) {
+        let mut purges = self.purges.lock().unwrap_or_else(|p| p.into_inner());
+        if purges.front() == Some(failed) {
+            if let Some(purge) = purges.pop_front() {
+                purges.push_back(purge);
+            }
+        }
+    }
+
     /// How many purges wait.
     pub fn waiting(&self) -> usize {
         self.purges.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -258,7 +273,7 @@ impl Pending {
 }
 
 /// Applies a purge to every L2 store; a store it did not fully reach is queued to get it when it
-/// answers again (see `finish_unfinished`). Returns how many entries it concerned and whether a
+/// answers again (see `retry_store`). Returns how many entries it concerned and whether a
 /// store still owes it.
 pub(crate) async fn purge_l2(inner: &Inner, purge: &Purge, now: SystemTime) -> (u64, bool) {
     let outcome = inner.cache.purge_l2(purge, now).await;
@@ -289,7 +304,8 @@ impl Proxy {
         published
     }
 
-    /// Starts the subscriber of every store and the retry of unpublished purges.
+    /// Starts the subscriber of every store, the retry of unpublished purges, and per store the
+    /// retry of the purges it missed.
     pub(crate) fn start_broadcast(&self) {
         let Some(l2) = self.0.cache.l2() else { return };
         let channel = l2.channel();
@@ -300,7 +316,10 @@ impl Proxy {
                 channel.clone(),
             ));
         }
-        tokio::spawn(retry_pending(std::sync::Arc::downgrade(&self.0)));
+        tokio::spawn(retry_unpublished(std::sync::Arc::downgrade(&self.0)));
+        for index in 0..self.0.unfinished.len() {
+            tokio::spawn(retry_store(std::sync::Arc::downgrade(&self.0), index));
+        }
     }
 }
 
@@ -322,46 +341,70 @@ async fn publish(inner: &Inner, purge: &Purge) -> bool {
     published
 }
 
-/// Every `RETRY_EVERY`: the purges stores missed, then the purges not published.
-async fn retry_pending(inner: Weak<Inner>) {
+/// Every `RETRY_EVERY`, the purges not published.
+async fn retry_unpublished(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(RETRY_EVERY).await;
         let Some(inner) = inner.upgrade() else { return };
-        finish_unfinished(&inner).await;
         publish_unpublished(&inner).await;
     }
 }
 
-/// Purges a store missed, in order, done there once it answers. Each is then applied to this L1
-/// again and published again: while the store held the old copy, this or another instance may have
-/// put it back in its L1 (a read that began after the purge was logged is not refused).
-async fn finish_unfinished(inner: &Inner) {
-    let Some(l2) = inner.cache.l2() else { return };
-    for (index, queue) in inner.unfinished.iter().enumerate() {
-        if queue.front().is_none() || !l2.store_answers(index).await {
-            continue;
-        }
-        while let Some(purge) = queue.front() {
-            if l2
-                .retry_purge(index, &purge, inner.clock.now())
-                .await
-                .is_err()
-            {
-                break;
-            }
-            queue.pop(&purge);
-            // Logged before L1 is purged: a read of the old copy still under way is refused.
-            inner.purge_log.record(&purge);
-            inner.cache.purge_l1(&purge, inner.clock.now());
-            if !publish(inner, &purge).await {
-                inner.pending.push(purge);
-            }
-            tracing::info!(
-                store = index,
-                "a purge a Redis store missed is now done there, and published again"
-            );
-        }
+/// The purges store `index` missed, in a task of its own: a long retry (a pattern over a large
+/// keyspace) on one store holds up neither the others nor the publishing. After a round in which
+/// the store failed, the pause before the next doubles, up to `RETRY_PAUSE_LIMIT`.
+async fn retry_store(inner: Weak<Inner>, index: usize) {
+    let mut pause = RETRY_EVERY;
+    loop {
+        tokio::time::sleep(pause).await;
+        let Some(inner) = inner.upgrade() else { return };
+        pause = if finish_unfinished(&inner, index).await {
+            RETRY_EVERY
+        } else {
+            (pause * 2).min(RETRY_PAUSE_LIMIT)
+        };
     }
+}
+
+/// One round over the purges store `index` missed, once it answers `PING`: each is done there, then
+/// applied to this L1 again and published again, since while the store held the old copy, this or
+/// another instance may have put it back in its L1 (a read that began after the purge was logged
+/// is not refused). A purge that fails again goes to the back of the queue and ends the round.
+/// False when the round ended on a failure.
+async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
+    let (Some(l2), Some(queue)) = (inner.cache.l2(), inner.unfinished.get(index)) else {
+        return true;
+    };
+    if queue.waiting() == 0 {
+        return true;
+    }
+    if !l2.store_answers(index).await {
+        return false;
+    }
+    // Each purge waiting now, once (those queued meanwhile wait for the next round).
+    for _ in 0..queue.waiting() {
+        let Some(purge) = queue.front() else { break };
+        if l2
+            .retry_purge(index, &purge, inner.clock.now())
+            .await
+            .is_err()
+        {
+            queue.requeue(&purge);
+            return false;
+        }
+        queue.pop(&purge);
+        // Logged before L1 is purged: a read of the old copy still under way is refused.
+        inner.purge_log.record(&purge);
+        inner.cache.purge_l1(&purge, inner.clock.now());
+        if !publish(inner, &purge).await {
+            inner.pending.push(purge);
+        }
+        tracing::info!(
+            store = index,
+            "a purge a Redis store missed is now done there, and published again"
+        );
+    }
+    true
 }
 
 /// Publishes, in order, the purges Redis missed, after applying each to L2 (which was down too).
@@ -526,7 +569,7 @@ mod tests {
     }
 
     #[test]
-    fn a_purge_already_waiting_is_not_queued_twice() {
+    fn a_purge_waiting_behind_the_front_is_not_queued_twice() {
         let key = |k: &str| Purge {
             selector: Selector::Key(k.into()),
             soft: false,
@@ -534,13 +577,34 @@ mod tests {
         let pending = Pending::default();
         pending.push(key("a"));
         pending.push(key("b"));
+        pending.push(key("b"));
+        assert_eq!(pending.waiting(), 2, "b waits already");
+        // The front may be under way: the same purge again must run after it.
         pending.push(key("a"));
-        assert_eq!(pending.waiting(), 2);
+        assert_eq!(pending.waiting(), 3);
+        pending.push(key("a"));
+        assert_eq!(pending.waiting(), 3, "a waits behind the front now");
         pending.push(Purge {
             soft: true,
-            ..key("a")
+            ..key("b")
         });
-        assert_eq!(pending.waiting(), 3, "a soft purge is another purge");
+        assert_eq!(pending.waiting(), 4, "a soft purge is another purge");
+    }
+
+    #[test]
+    fn a_purge_that_failed_again_goes_to_the_back() {
+        let key = |k: &str| Purge {
+            selector: Selector::Key(k.into()),
+            soft: false,
+        };
+        let pending = Pending::default();
+        pending.push(key("refused"));
+        pending.push(key("next"));
+        pending.requeue(&key("refused"));
+        assert_eq!(pending.front(), Some(key("next")));
+        pending.requeue(&key("refused"));
+        assert_eq!(pending.front(), Some(key("next")), "only the front moves");
+        assert_eq!(pending.waiting(), 2);
     }
 
     #[test]

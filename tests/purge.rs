@@ -886,8 +886,9 @@ async fn purges_log_no_keys_when_redacted() {
     assert!(logs.contains("h:"), "no redacted key in the logs:\n{logs}");
 }
 
-/// Purges over more keys than one round trip takes (SCAN pages and UNLINK pipelines of 256): every
-/// matching key goes, each counted once, nothing else is touched.
+/// Purges over more keys than one round trip takes (SCAN pages of 1,000, each page's UNLINKs in one
+/// pipeline; tag members by 1,000): every matching key goes, each counted once, nothing else is
+/// touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_of_many_l2_keys_take_them_all() {
     let redis = RedisServer::start();
@@ -901,8 +902,8 @@ async fn purges_of_many_l2_keys_take_them_all() {
     let seeded = |prefix: &str, n: &str, tag_set: &str| {
         assert_eq!(redis.cli(&["eval", seed, "1", prefix, n, tag_set]), "OK");
     };
-    seeded("strata:e:shared.test/bulk/", "1000", "");
-    seeded("strata:e:shared.test/tagged/", "600", "strata:t:many");
+    seeded("strata:e:shared.test/bulk/", "2500", "");
+    seeded("strata:e:shared.test/tagged/", "1600", "strata:t:many");
     seeded("strata:e:shared.test/kept/", "10", "");
     let under = |prefix: &str| {
         redis
@@ -911,12 +912,12 @@ async fn purges_of_many_l2_keys_take_them_all() {
             .filter(|k| k.starts_with(prefix))
             .count()
     };
-    assert_eq!(under("strata:e:shared.test/bulk/"), 1000);
+    assert_eq!(under("strata:e:shared.test/bulk/"), 2500);
 
     let v = purge(&a, json!({"pattern": "shared.test/bulk/*"})).await;
     assert_eq!(
         (count(&v, "l2_removed"), &v["l2_pending"]),
-        (1000, &json!(false)),
+        (2500, &json!(false)),
         "{v}"
     );
     assert_eq!(under("strata:e:shared.test/bulk/"), 0);
@@ -924,7 +925,7 @@ async fn purges_of_many_l2_keys_take_them_all() {
     let v = purge(&a, json!({"tags": ["many"]})).await;
     assert_eq!(
         (count(&v, "l2_removed"), &v["l2_pending"]),
-        (600, &json!(false)),
+        (1600, &json!(false)),
         "{v}"
     );
     assert_eq!(under("strata:e:shared.test/tagged/"), 0);

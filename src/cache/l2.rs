@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::clients::Pool;
+use fred::clients::{Pipeline, Pool};
 use fred::interfaces::{ClientLike, KeysInterface, LuaInterface, SetsInterface};
 use fred::types::config::Options;
 use fred::types::config::ReconnectPolicy;
+use fred::types::scan::Scanner;
 use fred::types::ExpireOptions;
 use fred::types::{Builder, Expiration, SetOptions, Value};
 use futures_util::StreamExt;
@@ -48,10 +49,8 @@ const PURGE_DEADLINE: Duration = Duration::from_secs(10);
 /// The same for a purge a store missed, done again in the background: a pattern over a keyspace
 /// too large to SCAN within `PURGE_DEADLINE` must still finish some time.
 const PURGE_RETRY_DEADLINE: Duration = Duration::from_secs(120);
-/// Keys a purge takes per round trip (pipeline of UNLINKs, tag members).
-const PURGE_BATCH: usize = 256;
-/// Keys each SCAN call looks at (its COUNT).
-const SCAN_COUNT: u32 = 1000;
+/// Keys each SCAN call looks at (its COUNT), and tag members a purge takes per round trip.
+const PURGE_BATCH: usize = 1000;
 /// Soft purges rewrite entries one by one (GET, SET): this many at once.
 const SOFT_PURGE_CONCURRENCY: usize = 16;
 /// A tag set outlives the entries it names by at least this much (it is small; an expired set would
@@ -195,6 +194,34 @@ pub struct L2Purge {
 /// A purge did not reach every key it concerns on a store.
 #[derive(Debug)]
 pub struct Unfinished;
+
+/// One page of a purge's SCAN. fred asks for the next page when a page is dropped; this asks for it
+/// only on [`ScanPage::next`], and cancels the SCAN when dropped without it.
+struct ScanPage(Option<fred::types::scan::ScanResult>);
+
+impl ScanPage {
+    fn take_keys(&mut self) -> Vec<String> {
+        let keys = self.0.as_mut().and_then(|page| page.take_results());
+        keys.unwrap_or_default()
+            .iter()
+            .filter_map(|key| key.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn next(mut self) {
+        if let Some(page) = self.0.take() {
+            page.next();
+        }
+    }
+}
+
+impl Drop for ScanPage {
+    fn drop(&mut self) {
+        if let Some(page) = self.0.take() {
+            page.cancel();
+        }
+    }
+}
 
 pub struct LockToken {
     key: String,
@@ -574,35 +601,28 @@ impl L2 {
                     escape_glob(&self.prefix),
                     escape_glob_but_stars(pattern)
                 );
-                // Removed page by page as SCAN finds them: memory stays one batch whatever the
-                // keyspace, and the first entries go at once.
+                // Page by page: a page's keys are removed before the next page is asked for, so
+                // memory stays one page whatever the keyspace, and a purge that stops (an error,
+                // its deadline) stops the SCAN too. (fred's buffered scans read the whole keyspace
+                // into memory, and go on after their stream is dropped.)
                 let client = store.pool.next_connected();
-                let mut found = if client.is_clustered() {
-                    client
-                        .scan_cluster_buffered(pattern, Some(SCAN_COUNT), None)
-                        .boxed()
+                let count = Some(PURGE_BATCH as u32);
+                let mut pages = if client.is_clustered() {
+                    client.scan_cluster(pattern, count, None).boxed()
                 } else {
-                    client
-                        .scan_buffered(pattern, Some(SCAN_COUNT), None)
-                        .boxed()
+                    client.scan(pattern, count, None).boxed()
                 };
-                let mut batch = Vec::with_capacity(PURGE_BATCH);
-                while let Some(key) = found.next().await {
-                    let key = key.map_err(|error| {
+                while let Some(page) = pages.next().await {
+                    let mut page = ScanPage(Some(page.map_err(|error| {
                         tracing::warn!(%error, "SCAN failed during a purge");
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                         Unfinished
-                    })?;
-                    if let Some(key) = key.as_str() {
-                        batch.push(key.to_owned());
-                    }
-                    if batch.len() >= PURGE_BATCH {
-                        let keys = std::mem::replace(&mut batch, Vec::with_capacity(PURGE_BATCH));
+                    })?));
+                    let keys = page.take_keys();
+                    if !keys.is_empty() {
                         concerned += self.remove(store, keys, purge.soft, now).await?;
                     }
-                }
-                if !batch.is_empty() {
-                    concerned += self.remove(store, batch, purge.soft, now).await?;
+                    page.next();
                 }
             }
             Selector::Tags(tags) => {
@@ -650,7 +670,7 @@ impl L2 {
         }
         // One round trip per batch: a pipeline of single-key UNLINKs, which a cluster client
         // routes key by key (a multi-key UNLINK would be refused across hash slots).
-        let pipeline = store.pool.next_connected().pipeline();
+        let pipeline = Pipeline::from(store.pool.next_connected().with_options(&self.options));
         for key in &keys {
             let queued: Result<(), fred::error::Error> = pipeline.unlink(key.as_str()).await;
             queued.map_err(|_| Unfinished)?;

@@ -933,8 +933,14 @@ impl Proxy {
     }
 
     pub(crate) fn origin_error(&self, error: OriginError, target: &Target) -> Response<ProxyBody> {
-        Stats::incr(&self.0.stats.origin_errors);
-        tracing::warn!(host = %target.host(), %error, "origin failed");
+        // Busy is Strata's own limit, counted apart (`origin_busy`) and not logged per request:
+        // under saturation that would be a line per refused request.
+        if matches!(error, OriginError::Busy(_)) {
+            tracing::debug!(host = %target.host(), %error, "no origin slot");
+        } else {
+            Stats::incr(&self.0.stats.origin_errors);
+            tracing::warn!(host = %target.host(), %error, "origin failed");
+        }
         match error {
             OriginError::Timeout(_) => respond::text(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -341,8 +341,10 @@ impl OriginBody {
     fn release(&mut self) {
         if let Some(checkin) = self.connection.take() {
             if let Some(pool) = checkin.pool.upgrade() {
-                pool.give_back_slot();
+                // The connection first: a request woken by the slot finds it in the pool instead
+                // of opening another.
                 pool.checkin(checkin.sender);
+                pool.give_back_slot();
             }
         }
     }
