@@ -111,6 +111,14 @@ impl Purge {
         Ok(Purge { selector, soft })
     }
 
+    /// A hard purge of every key: what a queue that overflowed, or a missed invalidation, stands for.
+    pub fn everything() -> Purge {
+        Purge {
+            selector: Selector::Pattern("*".into()),
+            soft: false,
+        }
+    }
+
     /// Whether an entry stored under `key` (the URL's primary key) with `tags` is concerned.
     pub fn matches(&self, key: &str, tags: &[String]) -> bool {
         match &self.selector {
@@ -227,10 +235,7 @@ impl Pending {
         }
         if purges.len() >= PENDING_CAPACITY {
             purges.clear();
-            purges.push_back(Purge {
-                selector: Selector::Pattern("*".into()),
-                soft: false,
-            });
+            purges.push_back(Purge::everything());
             tracing::warn!(
                 "too many purges waiting for Redis: everything will be purged when it returns"
             );
@@ -270,6 +275,13 @@ impl Pending {
     pub fn waiting(&self) -> usize {
         self.purges.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+}
+
+/// Applies a purge to this instance: logged first (a fill under way, or an L2 read, checks the log
+/// before it keeps what it got), then taken out of L1. Returns how many L1 entries it concerned.
+pub(crate) fn purge_here(inner: &Inner, purge: &Purge, now: SystemTime) -> u64 {
+    inner.purge_log.record(purge);
+    inner.cache.purge_l1(purge, now)
 }
 
 /// Applies a purge to every L2 store; a store it did not fully reach is queued to get it when it
@@ -393,9 +405,7 @@ async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
             return false;
         }
         queue.pop(&purge);
-        // Logged before L1 is purged: a read of the old copy still under way is refused.
-        inner.purge_log.record(&purge);
-        inner.cache.purge_l1(&purge, inner.clock.now());
+        purge_here(inner, &purge, inner.clock.now());
         if !publish(inner, &purge).await {
             inner.pending.push(purge);
         }
@@ -521,9 +531,7 @@ fn receive(inner: &Inner, text: &str, last_seq: &mut Option<u64>) {
         return;
     }
     Stats::incr(&inner.stats.invalidations_received);
-    inner.purge_log.record(&message.purge);
-    let now = inner.clock.now();
-    inner.cache.purge_l1(&message.purge, now);
+    purge_here(inner, &message.purge, inner.clock.now());
     Stats::incr(&inner.stats.invalidations_applied);
 }
 
@@ -532,10 +540,7 @@ fn flush_l1(inner: &Inner, why: &str) {
         why,
         "flushing L1: an invalidation may have been missed (L2 stays the truth)"
     );
-    inner.purge_log.record(&Purge {
-        selector: Selector::Pattern("*".into()),
-        soft: false,
-    });
+    inner.purge_log.record(&Purge::everything());
     inner.cache.l1().clear();
 }
 
@@ -543,12 +548,15 @@ fn flush_l1(inner: &Inner, why: &str) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_published_purge_leaves_the_queue_only_if_still_in_front() {
-        let key = |k: &str| Purge {
+    fn key(k: &str) -> Purge {
+        Purge {
             selector: Selector::Key(k.into()),
             soft: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_published_purge_leaves_the_queue_only_if_still_in_front() {
         let pending = Pending::default();
         pending.push(key("first"));
         let published = pending.front();
@@ -557,10 +565,7 @@ mod tests {
         for n in 0..PENDING_CAPACITY {
             pending.push(key(&n.to_string()));
         }
-        let everything = Purge {
-            selector: Selector::Pattern("*".into()),
-            soft: false,
-        };
+        let everything = Purge::everything();
         assert_eq!(pending.front(), Some(everything.clone()));
         pending.pop(&key("first"));
         assert_eq!(pending.front(), Some(everything.clone()), "kept");
@@ -570,10 +575,6 @@ mod tests {
 
     #[test]
     fn a_purge_waiting_behind_the_front_is_not_queued_twice() {
-        let key = |k: &str| Purge {
-            selector: Selector::Key(k.into()),
-            soft: false,
-        };
         let pending = Pending::default();
         pending.push(key("a"));
         pending.push(key("b"));
@@ -593,10 +594,6 @@ mod tests {
 
     #[test]
     fn a_purge_that_failed_again_goes_to_the_back() {
-        let key = |k: &str| Purge {
-            selector: Selector::Key(k.into()),
-            soft: false,
-        };
         let pending = Pending::default();
         pending.push(key("refused"));
         pending.push(key("next"));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::clients::{Pipeline, Pool};
+use fred::clients::{Pipeline, Pool, WithOptions};
 use fred::interfaces::{ClientLike, KeysInterface, LuaInterface, SetsInterface};
 use fred::types::config::Options;
 use fred::types::config::ReconnectPolicy;
@@ -334,6 +334,11 @@ impl L2 {
         format!("{}lock:{key}", self.prefix)
     }
 
+    /// A connected client of `store` whose commands carry the fail-fast L2 options.
+    fn command_client(&self, store: &Store) -> WithOptions<fred::clients::Client> {
+        store.pool.next_connected().with_options(&self.options)
+    }
+
     /// The first store whose breaker admits traffic.
     fn active(&self) -> Option<(usize, &Store)> {
         self.stores
@@ -380,7 +385,7 @@ impl L2 {
     pub async fn get(&self, key: &str) -> Option<Slot> {
         let (_, store) = self.active()?;
         let redis_key = self.entry_key(key);
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let started = Instant::now();
         // Outer None: the call failed; inner None: no such key.
         // Boxed: fred's command future is large, and `call` and its timeout would each move it.
@@ -466,7 +471,7 @@ impl L2 {
         if value.is_empty() {
             return false; // the encoder task failed: nothing worth writing
         }
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let written: Option<()> = self
             .call(
                 store,
@@ -508,14 +513,14 @@ impl L2 {
     }
 
     async fn delete_from(&self, store: &Store, key: &str) -> bool {
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let deleted: Option<i64> = self.call(store, client.del(self.entry_key(key))).await;
         deleted.is_some()
     }
 
     /// Deletes `redis_key` only while it still holds `expected` (an entry we read, a lock we own).
     async fn compare_and_delete(&self, store: &Store, redis_key: String, expected: Value) {
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let _: Option<i64> = self
             .call(
                 store,
@@ -626,7 +631,7 @@ impl L2 {
                 }
             }
             Selector::Tags(tags) => {
-                let client = store.pool.next_connected().with_options(&self.options);
+                let client = self.command_client(store);
                 for tag in tags {
                     let set = self.tag_key(tag);
                     let members: Vec<String> = self
@@ -670,7 +675,7 @@ impl L2 {
         }
         // One round trip per batch: a pipeline of single-key UNLINKs, which a cluster client
         // routes key by key (a multi-key UNLINK would be refused across hash slots).
-        let pipeline = Pipeline::from(store.pool.next_connected().with_options(&self.options));
+        let pipeline = Pipeline::from(self.command_client(store));
         for key in &keys {
             let queued: Result<(), fred::error::Error> = pipeline.unlink(key.as_str()).await;
             queued.map_err(|_| Unfinished)?;
@@ -701,7 +706,7 @@ impl L2 {
         redis_key: &str,
         now: std::time::SystemTime,
     ) -> Result<bool, Unfinished> {
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let value: Option<Bytes> = self
             .call(store, client.get(redis_key))
             .await
@@ -748,7 +753,7 @@ impl L2 {
             self.lock_counter.fetch_add(1, Ordering::Relaxed)
         );
         let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let reply: Option<Option<String>> = self
             .call(
                 store,
@@ -797,7 +802,7 @@ impl L2 {
         let Some(store) = self.stores.get(index) else {
             return false;
         };
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let pong = tokio::time::timeout(
             self.timeout + Duration::from_millis(5),
             client.ping::<String>(None),
@@ -815,7 +820,7 @@ impl L2 {
     /// could not take it.
     pub async fn publish(&self, payload: &str) -> Option<u64> {
         let (_, store) = self.active()?;
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let sequence_key = format!("{}invalidate:seq", self.prefix);
         let seq: Option<i64> = self
             .call(
@@ -850,7 +855,7 @@ impl L2 {
     /// Whether another instance still holds the fill lock for `key`.
     pub async fn is_locked(&self, key: &str) -> Option<bool> {
         let (_, store) = self.active()?;
-        let client = store.pool.next_connected().with_options(&self.options);
+        let client = self.command_client(store);
         let exists: i64 = self.call(store, client.exists(self.lock_key(key))).await?;
         Some(exists > 0)
     }

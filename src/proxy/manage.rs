@@ -137,10 +137,8 @@ impl Proxy {
     pub async fn purge(&self, purge: Purge) -> PurgeOutcome {
         let inner = &self.0;
         Stats::incr(&inner.stats.purges);
-        // Logged first: a fill that is under way checks the log when it stores.
-        inner.purge_log.record(&purge);
         let now = inner.clock.now();
-        let l1_removed = inner.cache.purge_l1(&purge, now);
+        let l1_removed = crate::invalidate::purge_here(inner, &purge, now);
         PurgeOutcome {
             l1_removed,
             ..self.purge_beyond_l1(&purge, now).await

@@ -794,13 +794,13 @@ impl Proxy {
             selector: Selector::Key(key.to_string()),
             soft: false,
         };
-        self.0.purge_log.record(&purge);
         if self.0.cache.l2().is_none() {
+            self.0.purge_log.record(&purge);
             self.0.cache.purge(key, PurgeReason::Invalidation);
             return;
         }
         let now = self.0.clock.now();
-        self.0.cache.purge_l1(&purge, now);
+        crate::invalidate::purge_here(&self.0, &purge, now);
         // L2 and the other instances off the response path.
         let proxy = self.clone();
         tokio::spawn(async move { proxy.purge_beyond_l1(&purge, now).await });
