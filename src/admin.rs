@@ -165,6 +165,7 @@ fn stats(proxy: &Proxy) -> Response<ProxyBody> {
             "l2_writes": s.l2_writes,
             "l2_dropped_writes": s.l2_dropped_writes,
             "l2_corrupt": s.l2_corrupt,
+            "l2_writes_overtaken": s.l2_writes_overtaken,
             "l2_failovers_followed": s.l2_failovers_followed,
             "l2_breaker_open": s.l2_breaker_open == 1,
             "purges_unpublished": s.purges_unpublished,

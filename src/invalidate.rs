@@ -11,7 +11,7 @@
 //! when the store answers again, then applied to L1 and published once more: while the store held
 //! the old copy, any instance may have put it back in its L1.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -19,7 +19,9 @@ use std::time::{Duration, SystemTime};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 
+use crate::cache::l2::{Retraction, SentWrite};
 use crate::metrics::Stats;
 use crate::proxy::{Inner, Proxy};
 
@@ -175,13 +177,15 @@ impl PurgeLog {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub fn record(&self, purge: &Purge) {
+    /// Logs a purge; returns its generation (fills that began before it remember a lower one).
+    pub fn record(&self, purge: &Purge) -> u64 {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         if recent.len() == LOG_CAPACITY {
             recent.pop_front();
         }
         recent.push_back((generation, purge.clone()));
+        generation
     }
 
     /// Whether a purge recorded after `since` concerns `key`/`tags`. A fill older than everything
@@ -216,6 +220,10 @@ struct Message {
     /// The publishing instance (it applied the purge already).
     from: String,
     purge: Purge,
+    /// Published again (after a store that missed it took it, or after writes it overtook were
+    /// taken back): receivers apply it to L1 again, but do not take back writes for it once more.
+    #[serde(default)]
+    again: bool,
 }
 
 /// Purges applied locally that Redis (or one of its stores) has not taken yet, in order.
@@ -284,6 +292,57 @@ pub(crate) fn purge_here(inner: &Inner, purge: &Purge, now: SystemTime) -> u64 {
     inner.cache.purge_l1(purge, now)
 }
 
+/// [`purge_here`] for another instance's purge, heard of for the first time; then the L2 writes
+/// of this instance's fills that it may have undone are retracted: that instance deleted on Redis
+/// before it announced the purge, and a write of ours that landed in between undid it. (A write
+/// still on its way when a purge is logged checks again once it landed; one that landed before a
+/// purge made here was deleted by it.)
+fn purge_heard(inner: &Inner, purge: &Purge, now: SystemTime) {
+    let generation = inner.purge_log.record(purge);
+    inner.cache.purge_l1(purge, now);
+    if let Some(l2) = inner.cache.l2() {
+        l2.retract_overtaken(purge, generation);
+    }
+}
+
+/// Carries out the L2's retractions one after another (see `L2::retract_overtaken`).
+async fn retract(inner: Weak<Inner>, mut retractions: mpsc::UnboundedReceiver<Retraction>) {
+    while let Some(retraction) = retractions.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        take_back(&inner, retraction).await;
+    }
+}
+
+/// Deletes the writes a purge overtook that L2 still holds as they were written; a store that did
+/// not answer gets the purge itself again, as any purge it missed (see `retry_store`). If any was
+/// deleted, the purge is applied here again and published again: meanwhile any instance may have
+/// taken such a value into its L1.
+async fn take_back(inner: &Inner, Retraction { writes, purge }: Retraction) {
+    let Some(l2) = inner.cache.l2() else { return };
+    let (deleted, failed) = l2.take_back(writes).await;
+    let stores: BTreeSet<usize> = failed.iter().map(SentWrite::store).collect();
+    for store in stores {
+        tracing::warn!(
+            store,
+            "a Redis store did not answer while writes a purge overtook were taken back; it gets the purge again when it answers"
+        );
+        if let Some(queue) = inner.unfinished.get(store) {
+            queue.push(purge.clone());
+        }
+    }
+    if deleted == 0 {
+        return;
+    }
+    tracing::info!(
+        deleted,
+        "L2 values fetched before a purge and stored after it were deleted; the purge is published again"
+    );
+    purge_here(inner, &purge, inner.clock.now());
+    if !publish(inner, &purge, true).await {
+        inner.pending.push(purge);
+    }
+}
+
 /// Applies a purge to every L2 store; a store it did not fully reach is queued to get it when it
 /// answers again (see `retry_store`). Returns how many entries it concerned and whether a
 /// store still owes it.
@@ -309,7 +368,7 @@ impl Proxy {
         if inner.cache.l2().is_none() {
             return false;
         }
-        let published = publish(inner, purge).await;
+        let published = publish(inner, purge, false).await;
         if !published {
             inner.pending.push(purge.clone());
         }
@@ -329,19 +388,24 @@ impl Proxy {
             ));
         }
         tokio::spawn(retry_unpublished(std::sync::Arc::downgrade(&self.0)));
+        if let Some(retractions) = l2.take_retractions() {
+            tokio::spawn(retract(std::sync::Arc::downgrade(&self.0), retractions));
+        }
         for index in 0..self.0.unfinished.len() {
             tokio::spawn(retry_store(std::sync::Arc::downgrade(&self.0), index));
         }
     }
 }
 
-async fn publish(inner: &Inner, purge: &Purge) -> bool {
+/// Publishes a purge; `again` when it was published before.
+async fn publish(inner: &Inner, purge: &Purge, again: bool) -> bool {
     let Some(l2) = inner.cache.l2() else {
         return false;
     };
     let message = Message {
         from: inner.instance.clone(),
         purge: purge.clone(),
+        again,
     };
     let Ok(payload) = serde_json::to_string(&message) else {
         return false;
@@ -406,7 +470,7 @@ async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
         }
         queue.pop(&purge);
         purge_here(inner, &purge, inner.clock.now());
-        if !publish(inner, &purge).await {
+        if !publish(inner, &purge, true).await {
             inner.pending.push(purge);
         }
         tracing::info!(
@@ -427,7 +491,7 @@ async fn publish_unpublished(inner: &Inner) {
             break;
         }
         purge_l2(inner, &purge, inner.clock.now()).await;
-        if !publish(inner, &purge).await {
+        if !publish(inner, &purge, false).await {
             break;
         }
         inner.pending.pop(&purge);
@@ -531,7 +595,11 @@ fn receive(inner: &Inner, text: &str, last_seq: &mut Option<u64>) {
         return;
     }
     Stats::incr(&inner.stats.invalidations_received);
-    purge_here(inner, &message.purge, inner.clock.now());
+    if message.again {
+        purge_here(inner, &message.purge, inner.clock.now());
+    } else {
+        purge_heard(inner, &message.purge, inner.clock.now());
+    }
     Stats::incr(&inner.stats.invalidations_applied);
 }
 
@@ -553,6 +621,24 @@ mod tests {
             selector: Selector::Key(k.into()),
             soft: false,
         }
+    }
+
+    #[test]
+    fn messages_from_instances_that_do_not_say_again_are_first_announcements(
+    ) -> Result<(), serde_json::Error> {
+        let older: Message = serde_json::from_str(
+            r#"{"from":"a","purge":{"selector":{"Key":"h/k"},"soft":false}}"#,
+        )?;
+        assert!(!older.again);
+        assert_eq!(older.purge, key("h/k"));
+        let again = Message {
+            from: "b".into(),
+            purge: key("h/k"),
+            again: true,
+        };
+        let text = serde_json::to_string(&again)?;
+        assert!(serde_json::from_str::<Message>(&text)?.again);
+        Ok(())
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 25] = [
+    let families: [(&str, &str, &str, u64); 26] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -168,6 +168,12 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "counter",
             "L2 values that did not decode (deleted).",
             s.l2_corrupt,
+        ),
+        (
+            "strata_l2_writes_overtaken_total",
+            "counter",
+            "L2 writes of fills a purge overtook: not sent, or deleted again after they landed.",
+            s.l2_writes_overtaken,
         ),
         (
             "strata_l2_failovers_followed_total",
@@ -333,6 +339,8 @@ pub struct StatsSnapshot {
     pub l2_writes: u64,
     pub l2_dropped_writes: u64,
     pub l2_corrupt: u64,
+    /// Fill writes a purge overtook (not sent, or taken back from L2).
+    pub l2_writes_overtaken: u64,
     pub l2_failovers_followed: u64,
     /// Purges waiting to be published (Redis was unreachable).
     pub purges_unpublished: u64,

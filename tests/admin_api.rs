@@ -373,6 +373,7 @@ async fn stats_reports_every_counter() {
         "l2_failovers_followed",
         "purges_unpublished",
         "l2_purges_unfinished",
+        "l2_writes_overtaken",
         "origin_in_flight",
         "origin_waiting",
         "origin_busy",
@@ -462,7 +463,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     );
     let text = resp.text();
 
-    let families: [(&str, &str); 23] = [
+    let families: [(&str, &str); 24] = [
         ("strata_requests_total", "counter"),
         ("strata_hit_duration_seconds", "histogram"),
         ("strata_l2_duration_seconds", "histogram"),
@@ -474,6 +475,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
         ("strata_l2_timeouts_total", "counter"),
         ("strata_l2_breaker_open", "gauge"),
         ("strata_l2_dropped_writes_total", "counter"),
+        ("strata_l2_writes_overtaken_total", "counter"),
         ("strata_coalesced_total", "counter"),
         ("strata_origin_requests_total", "counter"),
         ("strata_invalidations_sent_total", "counter"),

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -12,6 +13,7 @@ use support::admin::*;
 use support::fleet::*;
 use support::redis::RedisServer;
 use support::*;
+use tokio::sync::Notify;
 
 const TOKEN: &str = "inval-s3cret-token";
 /// Settings for every instance: ADMIN_TOKEN (the REDIS_TIMEOUT is the patient default; a loaded
@@ -609,4 +611,91 @@ async fn a_purge_a_store_missed_is_done_there_and_published_again() {
     .await;
     expect(&sget(&b, "/inv/missed").await, "MISS", "/inv/missed v2");
     expect(&sget(&a, "/inv/missed").await, "HIT-L2", "/inv/missed v2");
+}
+
+/// The number of clients Redis holds back (`CLIENT PAUSE` postpones their commands).
+fn blocked_clients(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["info", "clients"])
+        .lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// B fetched the old response before A's purge, and its writes reached Redis just after A's
+/// deletion, before B heard of the purge (Redis's `CLIENT PAUSE WRITE` holds the commands back, then
+/// runs them in arrival order). Hearing of the purge, B recognises what it wrote and deletes it, so
+/// nobody serves the purged response from L2. With `vary`, what B writes is the URL's vary record
+/// and one variant: the record alone would make every variant stored before the purge reachable
+/// again.
+async fn late_write_is_taken_back(vary: bool) {
+    let redis = RedisServer::start();
+    let gate = Arc::new(Notify::new());
+    let origin = {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            let reply = if r.hit == 1 {
+                Reply::gated("old", gate.clone(), " body")
+            } else {
+                Reply::ok("new body")
+            };
+            let reply = reply.cc("max-age=300");
+            if vary {
+                reply.header("vary", "accept-language")
+            } else {
+                reply
+            }
+        })
+        .await
+    };
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+
+    // B leads the fill (its fleet lock is taken) and waits for the rest of the old body.
+    let url = b.url("/inv/late");
+    let b_request = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    wait_until("the origin has B's request", || {
+        origin.hits("/inv/late") == 1
+    })
+    .await;
+
+    assert_eq!(redis.cli(&["client", "pause", "10000", "write"]), "OK");
+    let purging = purge(&a, json!({"key": "shared.test/inv/late"}));
+    let racing = async {
+        wait_until("A's UNLINK waits in Redis", || blocked_clients(&redis) == 1).await;
+        gate.notify_one();
+        wait_until("B's first SET waits behind it", || {
+            blocked_clients(&redis) == 2
+        })
+        .await;
+        assert_eq!(redis.cli(&["client", "unpause"]), "OK");
+    };
+    let (reply, ()) = tokio::join!(purging, racing);
+    assert_eq!(reply["broadcast"], json!(true), "{reply}");
+    expect(&b_request.await.unwrap(), "MISS", "old body");
+
+    let written = if vary { 2 } else { 1 };
+    wait_until("B takes its writes back", || {
+        b.stats().l2_writes_overtaken >= written
+    })
+    .await;
+    let left: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&entry_key("/inv/late")))
+        .collect();
+    assert!(left.is_empty(), "L2 still holds {left:?}");
+    expect(&sget(&a, "/inv/late").await, "MISS", "new body");
+    assert_eq!(origin.hits("/inv/late"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_lands_after_another_instances_purge_is_taken_back() {
+    late_write_is_taken_back(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vary_record_that_lands_after_another_instances_purge_is_taken_back() {
+    late_write_is_taken_back(true).await;
 }

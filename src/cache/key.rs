@@ -31,6 +31,11 @@ pub fn cache_key(host: &str, uri: &Uri) -> String {
     key
 }
 
+/// The URL's key of a storage key (a variant's key is the URL's key, a NUL, and the variant's part).
+pub fn primary_key(storage_key: &str) -> &str {
+    storage_key.split('\u{0}').next().unwrap_or(storage_key)
+}
+
 /// The key of one variant of a URL whose responses carry `Vary: names`: the request's selecting
 /// values as [`selecting_value`] normalizes them, so requests that RFC 9111 says match share it.
 ///

@@ -6,12 +6,18 @@
 //! `REDIS_URL` may list several stores: the first whose breaker admits traffic serves reads and
 //! writes, so Strata moves down the list when a store fails and back up when it recovers.
 //!
+//! A purge must not be undone by a fill that fetched the old response before it: a fill's write is
+//! checked against the purge log right before it is sent and again once it landed, and for a while
+//! this instance remembers what it wrote, so that a purge it hears of only later (another
+//! instance's, done on Redis before the write landed) can take the write back.
+//!
 //! fred's defaults would hurt here (no command timeout, commands queued while disconnected, no
 //! reconnection): every command carries fail-fast options with `REDIS_TIMEOUT`, an outer
 //! `tokio::time::timeout` backs them, and the client reconnects with exponential backoff forever.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,10 +32,11 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 
 use super::codec::{self, CodecError};
+use super::key::primary_key;
 use super::l1::Slot;
 use super::sentinel::Watch;
 use crate::config::RedisConfig;
-use crate::invalidate::{Purge, Selector};
+use crate::invalidate::{Purge, PurgeLog, Selector};
 
 /// Consecutive failures after which a store is skipped for [`BREAKER_COOLDOWN`].
 const BREAKER_THRESHOLD: u32 = 5;
@@ -53,6 +60,17 @@ const PURGE_RETRY_DEADLINE: Duration = Duration::from_secs(120);
 const PURGE_BATCH: usize = 1000;
 /// Soft purges rewrite entries one by one (GET, SET): this many at once.
 const SOFT_PURGE_CONCURRENCY: usize = 16;
+/// How long this instance remembers an entry it wrote to L2, so that a purge it hears of later can
+/// take the write back ([`L2::take_back`]): longer than a purge takes from its deletions on Redis to
+/// its announcement here (a pattern purge SCANs for up to `PURGE_DEADLINE` before it is published).
+const SENT_WRITES_KEPT: Duration = Duration::from_secs(60);
+/// At most this many writes are remembered; the oldest go first (a few MB at most).
+const SENT_WRITES_CAPACITY: usize = 16_384;
+/// Writes taken back at once.
+const TAKE_BACK_CONCURRENCY: usize = 16;
+/// Deletes KEYS[1] only while its value's SHA-1 is ARGV[1]: the copy this instance wrote, not one
+/// stored since (by any instance), nor one a soft purge marked stale since.
+const DELETE_IF_DIGEST_SCRIPT: &str = "local v = redis.call('get', KEYS[1]); if v and redis.sha1hex(v) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 /// A tag set outlives the entries it names by at least this much (it is small; an expired set would
 /// let a tag purge miss live entries).
 const TAG_SET_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -69,6 +87,9 @@ pub struct L2Stats {
     pub writes: AtomicU64,
     pub dropped_writes: AtomicU64,
     pub corrupt: AtomicU64,
+    /// Fill writes a purge overtook: not sent (the purge was logged first), or deleted again after
+    /// they landed (it was logged while they were on their way, or heard of afterwards).
+    pub overtaken_writes: AtomicU64,
     /// Sentinel failovers followed on their announcement (`+switch-master`).
     pub failovers_followed: AtomicU64,
     /// Duration of lookups (`GET`), whatever their outcome.
@@ -161,6 +182,8 @@ enum Write {
         key: String,
         slot: Slot,
         ttl: Duration,
+        /// The purge generation when the fill began.
+        since: u64,
     },
     Delete {
         key: String,
@@ -223,6 +246,35 @@ impl Drop for ScanPage {
     }
 }
 
+/// A value this instance wrote to L2 from a fill (an entry or a vary record), as much as it takes
+/// to recognise it there.
+#[derive(Debug, Clone)]
+pub struct SentWrite {
+    store: usize,
+    /// The storage key (a URL's, or one of its variants').
+    key: String,
+    tags: Vec<String>,
+    /// The purge generation when the fill began.
+    since: u64,
+    /// SHA-1 of the value written, in hex.
+    digest: String,
+    at: Instant,
+}
+
+impl SentWrite {
+    /// The store it went to (its position in `REDIS_URL`'s list).
+    pub fn store(&self) -> usize {
+        self.store
+    }
+}
+
+/// Writes of fills that a purge overtook after they were sent: to be deleted from L2 if still
+/// there as written, and then the purge announced again (see `crate::invalidate`).
+pub struct Retraction {
+    pub writes: Vec<SentWrite>,
+    pub purge: Purge,
+}
+
 pub struct LockToken {
     key: String,
     owner: String,
@@ -240,13 +292,24 @@ pub struct L2 {
     drained: Notify,
     lock_counter: AtomicU64,
     instance: String,
+    /// Purges logged here, which a fill's write must not undo.
+    purges: Arc<PurgeLog>,
+    /// Values written lately, oldest first (see [`L2::retract_overtaken`]).
+    sent: Mutex<VecDeque<SentWrite>>,
+    retractions: mpsc::UnboundedSender<Retraction>,
+    /// The receiving end, until the invalidation side takes it ([`L2::take_retractions`]).
+    retractions_rx: Mutex<Option<mpsc::UnboundedReceiver<Retraction>>>,
     pub stats: L2Stats,
 }
 
 impl L2 {
     /// Builds the clients and starts connecting in the background: Strata serves at once, degraded
     /// if Redis is not there yet.
-    pub fn start(config: &RedisConfig, max_body: u64) -> Result<Arc<L2>, fred::error::Error> {
+    pub fn start(
+        config: &RedisConfig,
+        max_body: u64,
+        purges: Arc<PurgeLog>,
+    ) -> Result<Arc<L2>, fred::error::Error> {
         let mut stores = Vec::with_capacity(config.stores.len());
         for store_config in &config.stores {
             let pool = Builder::from_config(store_config.clone())
@@ -272,6 +335,8 @@ impl L2 {
             });
         }
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        // Unbounded: one item per purge that overtook writes of this instance, a rare event.
+        let (retractions, retractions_rx) = mpsc::unbounded_channel();
         let l2 = Arc::new(L2 {
             stores,
             prefix: config.key_prefix.clone(),
@@ -289,6 +354,10 @@ impl L2 {
             drained: Notify::new(),
             lock_counter: AtomicU64::new(0),
             instance: instance_id(),
+            purges,
+            sent: Mutex::new(VecDeque::new()),
+            retractions,
+            retractions_rx: Mutex::new(Some(retractions_rx)),
             stats: L2Stats::default(),
         });
         tokio::spawn(write_loop(Arc::downgrade(&l2), queue));
@@ -421,12 +490,18 @@ impl L2 {
         });
     }
 
-    /// Queues a write; never waits. A full queue drops the write (counted).
-    pub fn put(&self, key: String, slot: Slot, ttl: Duration) {
+    /// Queues a fill's write (`since`: the purge generation when the fill began); never waits. A
+    /// full queue drops the write (counted).
+    pub fn put(&self, key: String, slot: Slot, ttl: Duration, since: u64) {
         if ttl.as_millis() < 1 {
             return;
         }
-        self.enqueue(Write::Put { key, slot, ttl });
+        self.enqueue(Write::Put {
+            key,
+            slot,
+            ttl,
+            since,
+        });
     }
 
     fn enqueue(&self, write: Write) {
@@ -458,18 +533,38 @@ impl L2 {
     }
 
     /// Writes now (used by a lock holder, which must publish its fill before releasing the lock).
-    pub async fn put_now(&self, key: &str, slot: &Slot, ttl: Duration) -> bool {
-        let Some((_, store)) = self.active() else {
+    pub async fn put_now(&self, key: &str, slot: &Slot, ttl: Duration, since: u64) -> bool {
+        let Some((index, store)) = self.active() else {
             return false;
         };
-        self.write_to(store, key, slot, ttl).await
+        self.write_to(index, store, key, slot, ttl, since).await
     }
 
-    async fn write_to(&self, store: &Store, key: &str, slot: &Slot, ttl: Duration) -> bool {
+    /// Writes a fill's slot to store `index`, unless a purge logged since `since` concerns it. True
+    /// when it was written and kept.
+    async fn write_to(
+        &self,
+        index: usize,
+        store: &Store,
+        key: &str,
+        slot: &Slot,
+        ttl: Duration,
+        since: u64,
+    ) -> bool {
         let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let value = Bytes::from(encode_off_runtime(slot).await);
-        if value.is_empty() {
+        let Some((value, digest)) = encode_for_write(slot).await else {
             return false; // the encoder task failed: nothing worth writing
+        };
+        let tags: &[String] = match slot {
+            Slot::Entry(entry) => &entry.tags,
+            Slot::Vary(_) | Slot::Pass(_) => &[],
+        };
+        let primary = primary_key(key);
+        let overtaken = || self.purges.overtaken(since, primary, tags);
+        // As late as possible: the write may have waited in the queue, or for its encoding.
+        if overtaken() {
+            self.stats.overtaken_writes.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
         let client = self.command_client(store);
         let written: Option<()> = self
@@ -484,6 +579,28 @@ impl L2 {
                 ),
             )
             .await;
+        let sent = SentWrite {
+            store: index,
+            key: key.to_string(),
+            tags: tags.to_vec(),
+            since,
+            digest,
+            at: Instant::now(),
+        };
+        // Remembered even when the SET failed (one that timed out may still land), and before the
+        // second check, so that a purge logged after that check finds it here.
+        self.remember(sent.clone());
+        // A purge logged while the SET was on its way may have been done on Redis before it.
+        if overtaken() {
+            self.retract(Retraction {
+                writes: vec![sent],
+                purge: Purge {
+                    selector: Selector::Key(primary.to_string()),
+                    soft: false,
+                },
+            });
+            return false;
+        }
         if written.is_none() {
             return false;
         }
@@ -518,15 +635,115 @@ impl L2 {
         deleted.is_some()
     }
 
-    /// Deletes `redis_key` only while it still holds `expected` (an entry we read, a lock we own).
-    async fn compare_and_delete(&self, store: &Store, redis_key: String, expected: Value) {
+    /// Deletes `redis_key` only while it still holds `expected` (an entry we read or wrote, a lock
+    /// we own). True when it was deleted.
+    async fn compare_and_delete(&self, store: &Store, redis_key: String, expected: Value) -> bool {
         let client = self.command_client(store);
-        let _: Option<i64> = self
+        let deleted: Option<i64> = self
             .call(
                 store,
                 client.eval(COMPARE_AND_DELETE_SCRIPT, vec![redis_key], vec![expected]),
             )
             .await;
+        deleted.is_some_and(|n| n > 0)
+    }
+
+    fn remember(&self, write: SentWrite) {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        while sent.len() >= SENT_WRITES_CAPACITY
+            || sent
+                .front()
+                .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
+        {
+            sent.pop_front();
+        }
+        sent.push_back(write);
+    }
+
+    fn retract(&self, retraction: Retraction) {
+        // Refused only once the receiving task is gone, and the proxy with it.
+        let _ = self.retractions.send(retraction);
+    }
+
+    /// The retractions to carry out; `None` once taken.
+    pub fn take_retractions(&self) -> Option<mpsc::UnboundedReceiver<Retraction>> {
+        self.retractions_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Retracts (and forgets) the values written lately that another instance's purge, logged
+    /// here as `generation`, may have undone: those of fills that began before it was logged here,
+    /// which it concerns. That instance deleted on Redis before it announced the purge, so a write
+    /// that landed before the announcement may have landed after the deletion.
+    pub fn retract_overtaken(&self, purge: &Purge, generation: u64) {
+        let mut overtaken = Vec::new();
+        {
+            let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            while sent
+                .front()
+                .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
+            {
+                sent.pop_front();
+            }
+            sent.retain(|write| {
+                let concerned =
+                    write.since < generation && purge.matches(primary_key(&write.key), &write.tags);
+                if concerned {
+                    overtaken.push(write.clone());
+                }
+                !concerned
+            });
+        }
+        if !overtaken.is_empty() {
+            self.retract(Retraction {
+                writes: overtaken,
+                purge: purge.clone(),
+            });
+        }
+    }
+
+    /// Deletes each of these writes that L2 still holds as it was written (a copy stored since by
+    /// any instance stays). Returns how many were deleted, and the writes whose store did not
+    /// answer.
+    pub async fn take_back(&self, writes: Vec<SentWrite>) -> (u64, Vec<SentWrite>) {
+        let mut deleted = 0;
+        let mut failed = Vec::new();
+        for writes in writes.chunks(TAKE_BACK_CONCURRENCY) {
+            let done = futures_util::future::join_all(
+                writes.iter().map(|write| self.take_back_one(write)),
+            )
+            .await;
+            for (write, done) in writes.iter().zip(done) {
+                match done {
+                    Some(true) => deleted += 1,
+                    Some(false) => {}
+                    None => failed.push(write.clone()),
+                }
+            }
+        }
+        self.stats
+            .overtaken_writes
+            .fetch_add(deleted, Ordering::Relaxed);
+        (deleted, failed)
+    }
+
+    /// `Some(deleted)`, or `None` when the store did not answer.
+    async fn take_back_one(&self, write: &SentWrite) -> Option<bool> {
+        let store = self.stores.get(write.store)?;
+        let client = self.command_client(store);
+        let deleted: i64 = self
+            .call(
+                store,
+                client.eval(
+                    DELETE_IF_DIGEST_SCRIPT,
+                    vec![self.entry_key(&write.key)],
+                    vec![write.digest.clone()],
+                ),
+            )
+            .await?;
+        Some(deleted > 0)
     }
 
     /// Applies a purge to every store (not only the active one: a failover list may hold copies in
@@ -876,6 +1093,24 @@ async fn encode_off_runtime(slot: &Slot) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// A slot's stored form and its SHA-1 in hex (as Redis's `redis.sha1hex` spells it), computed on
+/// the blocking pool for large values. `None` if that task failed.
+async fn encode_for_write(slot: &Slot) -> Option<(Bytes, String)> {
+    fn encode(slot: &Slot) -> (Bytes, String) {
+        let value = codec::encode(slot);
+        let digest = sha1_smol::Sha1::from(&value).digest().to_string();
+        (Bytes::from(value), digest)
+    }
+    let large = matches!(slot, Slot::Entry(entry) if entry.body.len() > INLINE_CODEC_LIMIT);
+    if !large {
+        return Some(encode(slot));
+    }
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || encode(&slot))
+        .await
+        .ok()
+}
+
 async fn decode_off_runtime(value: Bytes, max_body: u64) -> Result<Slot, CodecError> {
     if value.len() <= INLINE_CODEC_LIMIT {
         return codec::decode(&value, max_body);
@@ -957,10 +1192,15 @@ impl Drop for L2 {
 async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
     while let Some(write) = queue.recv().await {
         let Some(l2) = l2.upgrade() else { return };
-        if let Some((_, store)) = l2.active() {
+        if let Some((index, store)) = l2.active() {
             match &write {
-                Write::Put { key, slot, ttl } => {
-                    l2.write_to(store, key, slot, *ttl).await;
+                Write::Put {
+                    key,
+                    slot,
+                    ttl,
+                    since,
+                } => {
+                    l2.write_to(index, store, key, slot, *ttl, *since).await;
                 }
                 Write::Delete { key } => {
                     l2.delete_from(store, key).await;

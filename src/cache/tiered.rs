@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime};
 use http::HeaderMap;
 
 use super::entry::Entry;
-use super::key::variant_key;
+use super::key::{primary_key, variant_key};
 use super::l1::{Slot, VaryRecord, L1};
 use super::l2::{L2Purge, L2};
 use super::PurgeReason;
 use crate::config::Config;
-use crate::invalidate::{Purge, Selector};
+use crate::invalidate::{Purge, PurgeLog, Selector};
 
 /// A vary record outlives its variants in L2 by at least this much: it is tiny, and a record that
 /// expired first would hide variants that are still good.
@@ -46,9 +46,10 @@ struct Placement {
 }
 
 impl Cache {
-    pub fn new(config: &Config) -> Result<Cache, fred::error::Error> {
+    /// `purges` is the log the L2 checks a fill's write against (see [`L2`]).
+    pub fn new(config: &Config, purges: Arc<PurgeLog>) -> Result<Cache, fred::error::Error> {
         let l2 = match &config.redis {
-            Some(redis) => Some(L2::start(redis, config.max_object_bytes)?),
+            Some(redis) => Some(L2::start(redis, config.max_object_bytes, purges)?),
             None => None,
         };
         Ok(Cache {
@@ -131,17 +132,20 @@ impl Cache {
     }
 
     /// Stores a response for the URL `key` in L1 now and queues it for L2 (off the response path).
+    /// `since` is the purge generation when its fill began: L2 does not keep it past a purge
+    /// logged after that which concerns it.
     pub fn store(
         &self,
         key: &str,
         entry: Arc<Entry>,
         request_headers: &HeaderMap,
         now: SystemTime,
+        since: u64,
     ) {
         let placement = self.store_l1(key, &entry, request_headers);
         if let Some(l2) = &self.l2 {
             for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
-                l2.put(l2_key, slot, ttl);
+                l2.put(l2_key, slot, ttl, since);
             }
         }
     }
@@ -154,11 +158,12 @@ impl Cache {
         entry: Arc<Entry>,
         request_headers: &HeaderMap,
         now: SystemTime,
+        since: u64,
     ) {
         let placement = self.store_l1(key, &entry, request_headers);
         if let Some(l2) = &self.l2 {
             for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
-                l2.put_now(&l2_key, &slot, ttl).await;
+                l2.put_now(&l2_key, &slot, ttl, since).await;
             }
         }
     }
@@ -253,11 +258,6 @@ impl Cache {
         }
         removed
     }
-}
-
-/// The URL's key of a storage key (a variant's key is the URL's key, a NUL, and the variant's part).
-fn primary_key(storage_key: &str) -> &str {
-    storage_key.split('\u{0}').next().unwrap_or(storage_key)
 }
 
 /// What storing `entry` writes to L2: the vary record (if it varies) and the entry, each with the

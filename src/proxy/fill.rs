@@ -29,7 +29,7 @@ use crate::cache::policy::{
     admit, byte_range, forbids_storing, later, merge_not_modified, revalidation_matches,
     NotStorable, RangeAnswer, Validators, CACHE_TAG, CONDITIONAL_REQUEST_FIELDS, SURROGATE_KEY,
 };
-use crate::cache::{Entry, PurgeReason};
+use crate::cache::Entry;
 use crate::coalesce::FlightPermit;
 
 /// How long a URL whose answer could not be stored goes straight to the origin (hit-for-miss).
@@ -459,22 +459,23 @@ impl Proxy {
     ) {
         let inner = &self.0;
         let now = inner.clock.now();
+        let since = permit.purge_generation();
         if lock.is_held() {
             inner
                 .cache
-                .store_now(key, entry.clone(), request_headers, now)
+                .store_now(key, entry.clone(), request_headers, now, since)
                 .await;
         } else {
-            inner.cache.store(key, entry.clone(), request_headers, now);
+            inner
+                .cache
+                .store(key, entry.clone(), request_headers, now, since);
         }
         lock.release().await;
-        let overtaken = inner
-            .purge_log
-            .overtaken(permit.purge_generation(), key, &entry.tags);
-        if overtaken {
+        if inner.purge_log.overtaken(since, key, &entry.tags) {
             // A purge that concerns this response arrived while it was being fetched: what was
-            // just stored must not outlive it (an in-flight request never undoes a purge).
-            inner.cache.purge(key, PurgeReason::Invalidation);
+            // just stored must not outlive it (an in-flight request never undoes a purge). L2
+            // checks its write against the same log (see `cache::l2`).
+            inner.cache.l1().remove(key);
             permit.release();
         } else if entry.is_fresh(inner.clock.now()) {
             permit.complete(entry.clone());

@@ -75,7 +75,7 @@ pub(crate) struct Inner {
     pub(crate) origin: Origin,
     pub(crate) stats: Stats,
     pub(crate) clock: Clock,
-    pub(crate) purge_log: PurgeLog,
+    pub(crate) purge_log: Arc<PurgeLog>,
     /// Purges applied here that Redis has not published yet.
     pub(crate) pending: Pending,
     /// Per L2 store, purges it did not fully take; done there when it answers again.
@@ -248,7 +248,8 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Accounted<F> {
 impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, StartError> {
         let origin = Origin::new(&config)?;
-        let cache = Cache::new(&config)?;
+        let purge_log = Arc::new(PurgeLog::default());
+        let cache = Cache::new(&config, purge_log.clone())?;
         let stores = cache.l2().map_or(0, |l2| l2.store_count());
         let proxy = Proxy(Arc::new(Inner {
             cache,
@@ -256,7 +257,7 @@ impl Proxy {
             origin,
             stats: Stats::default(),
             clock: Clock::default(),
-            purge_log: PurgeLog::default(),
+            purge_log,
             pending: Pending::default(),
             unfinished: (0..stores).map(|_| Pending::default()).collect(),
             instance: instance_name(),
@@ -295,6 +296,7 @@ impl Proxy {
             snapshot.l2_writes = get(&l2.stats.writes);
             snapshot.l2_dropped_writes = get(&l2.stats.dropped_writes);
             snapshot.l2_corrupt = get(&l2.stats.corrupt);
+            snapshot.l2_writes_overtaken = get(&l2.stats.overtaken_writes);
             snapshot.l2_failovers_followed = get(&l2.stats.failovers_followed);
             snapshot.l2_breaker_open = u64::from(l2.breaker_open());
         }
