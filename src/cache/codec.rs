@@ -130,8 +130,7 @@ fn decompress(data: &[u8], limit: usize) -> Option<Vec<u8>> {
     })
 }
 
-/// Wall-clock milliseconds, the precision instants are stored with.
-pub(super) fn millis(t: SystemTime) -> u64 {
+fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

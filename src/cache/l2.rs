@@ -185,14 +185,8 @@ enum Write {
         /// The purge generation when the fill began.
         since: u64,
     },
-    Delete {
-        key: String,
-    },
     /// Deletes the key only while it still holds `value`.
-    DeleteIfUnchanged {
-        key: String,
-        value: Bytes,
-    },
+    DeleteIfUnchanged { key: String, value: Bytes },
 }
 
 /// Outcome of asking for the cross-instance fill lock.
@@ -483,13 +477,6 @@ impl L2 {
         });
     }
 
-    /// Queues the deletion of a key's value (a purge); never waits.
-    pub fn delete(&self, key: &str) {
-        self.enqueue(Write::Delete {
-            key: key.to_string(),
-        });
-    }
-
     /// Queues a fill's write (`since`: the purge generation when the fill began); never waits. A
     /// full queue drops the write (counted).
     pub fn put(&self, key: String, slot: Slot, ttl: Duration, since: u64) {
@@ -508,11 +495,11 @@ impl L2 {
         self.queued.fetch_add(1, Ordering::AcqRel);
         match self.writes.try_send(write) {
             Ok(()) => {}
-            // A dropped delete would leave a purged or corrupt value in Redis: it waits for room
-            // instead (deletes are few; a full queue is a storm of fills).
-            Err(mpsc::error::TrySendError::Full(
-                write @ (Write::Delete { .. } | Write::DeleteIfUnchanged { .. }),
-            )) if tokio::runtime::Handle::try_current().is_ok() => {
+            // A dropped delete would leave a corrupt value in Redis: it waits for room instead
+            // (deletes are few; a full queue is a storm of fills).
+            Err(mpsc::error::TrySendError::Full(write @ Write::DeleteIfUnchanged { .. }))
+                if tokio::runtime::Handle::try_current().is_ok() =>
+            {
                 let writes = self.writes.clone();
                 tokio::spawn(async move {
                     // Refused only once the write loop is gone, and the L2 with it.
@@ -627,12 +614,6 @@ impl L2 {
             }
         }
         true
-    }
-
-    async fn delete_from(&self, store: &Store, key: &str) -> bool {
-        let client = self.command_client(store);
-        let deleted: Option<i64> = self.call(store, client.del(self.entry_key(key))).await;
-        deleted.is_some()
     }
 
     /// Deletes `redis_key` only while it still holds `expected` (an entry we read or wrote, a lock
@@ -1201,9 +1182,6 @@ async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
                     since,
                 } => {
                     l2.write_to(index, store, key, slot, *ttl, *since).await;
-                }
-                Write::Delete { key } => {
-                    l2.delete_from(store, key).await;
                 }
                 Write::DeleteIfUnchanged { key, value } => {
                     l2.compare_and_delete(store, l2.entry_key(key), Value::from(value.clone()))

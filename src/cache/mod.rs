@@ -37,10 +37,3 @@ impl CacheStatus {
         }
     }
 }
-
-/// Why an entry leaves a tier: eviction is the cache's choice, invalidation the origin's or operator's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PurgeReason {
-    Eviction,
-    Invalidation,
-}

@@ -12,7 +12,6 @@ use super::entry::Entry;
 use super::key::{primary_key, variant_key};
 use super::l1::{Slot, VaryRecord, L1};
 use super::l2::{L2Purge, L2};
-use super::PurgeReason;
 use crate::config::Config;
 use crate::invalidate::{Purge, PurgeLog, Selector};
 
@@ -244,19 +243,6 @@ impl Cache {
             Some(l2) => l2.purge(purge, now).await,
             None => L2Purge::default(),
         }
-    }
-
-    /// Removes every stored response for the URL `key` (all its variants) from L1 and L2. Returns
-    /// whether L1 had anything.
-    pub fn purge(&self, key: &str, reason: PurgeReason) -> bool {
-        let removed = self.l1.remove(key);
-        if let Some(l2) = &self.l2 {
-            l2.delete(key);
-        }
-        if removed {
-            tracing::debug!(?reason, "purged");
-        }
-        removed
     }
 }
 

@@ -37,7 +37,7 @@ use crate::cache::key::{cache_key, request_host};
 use crate::cache::policy::revalidation_matches;
 use crate::cache::policy::{needs_full_evaluation, RequestDirectives, CONDITIONAL_REQUEST_FIELDS};
 use crate::cache::tiered::L1Lookup;
-use crate::cache::{Cache, CacheStatus, Entry, PurgeReason};
+use crate::cache::{Cache, CacheStatus, Entry};
 use crate::clock::Clock;
 use crate::coalesce::{Coalescer, FlightPermit, Join, Waited};
 use crate::config::Config;
@@ -796,13 +796,11 @@ impl Proxy {
             selector: Selector::Key(key.to_string()),
             soft: false,
         };
-        if self.0.cache.l2().is_none() {
-            self.0.purge_log.record(&purge);
-            self.0.cache.purge(key, PurgeReason::Invalidation);
-            return;
-        }
         let now = self.0.clock.now();
         crate::invalidate::purge_here(&self.0, &purge, now);
+        if self.0.cache.l2().is_none() {
+            return;
+        }
         // L2 and the other instances off the response path.
         let proxy = self.clone();
         tokio::spawn(async move { proxy.purge_beyond_l1(&purge, now).await });
