@@ -16,6 +16,7 @@
 //! `tokio::time::timeout` backs them, and the client reconnects with exponential backoff forever.
 
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,8 +45,12 @@ const BREAKER_THRESHOLD: u32 = 5;
 const BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 /// How long closing one client may take when the L2 goes.
 const QUIT_LIMIT: Duration = Duration::from_secs(2);
-/// L2 writes waiting for Redis; past this a write is dropped (and counted), never awaited.
-const WRITE_QUEUE: usize = 1024;
+/// L2 writes waiting for Redis, per lane; past this a write is dropped (and counted), never awaited.
+const WRITE_QUEUE: usize = 256;
+/// Writes run in this many lanes at once, each with its own queue of `WRITE_QUEUE` (fred pipelines
+/// their commands on its connections). A key always takes the same lane, so writes to one key land
+/// in the order they were queued.
+const WRITE_LANES: usize = 8;
 
 /// Numbers and publishes an invalidation atomically, so messages arrive in sequence order.
 const PUBLISH_SCRIPT: &str = "local seq = redis.call('incr', KEYS[1]); redis.call('publish', ARGV[1], seq .. ' ' .. ARGV[2]); return seq";
@@ -189,6 +194,14 @@ enum Write {
     DeleteIfUnchanged { key: String, value: Bytes },
 }
 
+impl Write {
+    fn key(&self) -> &str {
+        match self {
+            Write::Put { key, .. } | Write::DeleteIfUnchanged { key, .. } => key,
+        }
+    }
+}
+
 /// Outcome of asking for the cross-instance fill lock.
 pub enum Lock {
     /// We hold it; release with [`L2::unlock`].
@@ -281,7 +294,10 @@ pub struct L2 {
     timeout: Duration,
     options: Options,
     max_body: u64,
-    writes: mpsc::Sender<Write>,
+    /// The write lanes' queues.
+    writes: Vec<mpsc::Sender<Write>>,
+    /// Picks a key's lane.
+    lanes: std::hash::RandomState,
     queued: AtomicU64,
     drained: Notify,
     lock_counter: AtomicU64,
@@ -328,7 +344,8 @@ impl L2 {
                 sentinels: Watch::new(store_config),
             });
         }
-        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        let (writes, queues): (Vec<_>, Vec<_>) =
+            (0..WRITE_LANES).map(|_| mpsc::channel(WRITE_QUEUE)).unzip();
         // Unbounded: one item per purge that overtook writes of this instance, a rare event.
         let (retractions, retractions_rx) = mpsc::unbounded_channel();
         let l2 = Arc::new(L2 {
@@ -344,6 +361,7 @@ impl L2 {
             },
             max_body,
             writes,
+            lanes: std::hash::RandomState::new(),
             queued: AtomicU64::new(0),
             drained: Notify::new(),
             lock_counter: AtomicU64::new(0),
@@ -354,7 +372,9 @@ impl L2 {
             retractions_rx: Mutex::new(Some(retractions_rx)),
             stats: L2Stats::default(),
         });
-        tokio::spawn(write_loop(Arc::downgrade(&l2), queue));
+        for queue in queues {
+            tokio::spawn(write_loop(Arc::downgrade(&l2), queue));
+        }
         for (index, store) in l2.stores.iter().enumerate() {
             for client in store.pool.clients() {
                 tokio::spawn(supervise(Arc::downgrade(&l2), client.clone()));
@@ -493,17 +513,20 @@ impl L2 {
 
     fn enqueue(&self, write: Write) {
         self.queued.fetch_add(1, Ordering::AcqRel);
-        match self.writes.try_send(write) {
+        let Some(lane) = self.lane(write.key()) else {
+            return self.write_done();
+        };
+        match lane.try_send(write) {
             Ok(()) => {}
             // A dropped delete would leave a corrupt value in Redis: it waits for room instead
             // (deletes are few; a full queue is a storm of fills).
             Err(mpsc::error::TrySendError::Full(write @ Write::DeleteIfUnchanged { .. }))
                 if tokio::runtime::Handle::try_current().is_ok() =>
             {
-                let writes = self.writes.clone();
+                let lane = lane.clone();
                 tokio::spawn(async move {
                     // Refused only once the write loop is gone, and the L2 with it.
-                    let _ = writes.send(write).await;
+                    let _ = lane.send(write).await;
                 });
             }
             Err(_) => {
@@ -511,6 +534,12 @@ impl L2 {
                 self.write_done();
             }
         }
+    }
+
+    /// The queue of `key`'s lane.
+    fn lane(&self, key: &str) -> Option<&mpsc::Sender<Write>> {
+        let lane = self.lanes.hash_one(key) % WRITE_LANES as u64;
+        self.writes.get(usize::try_from(lane).unwrap_or(0))
     }
 
     fn write_done(&self) {
@@ -593,27 +622,37 @@ impl L2 {
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         if let Slot::Entry(entry) = slot {
-            // The tag index: one set per surrogate key naming the entries that carry it.
-            let set_ttl = i64::try_from(ttl.max(TAG_SET_MIN_TTL).as_millis()).unwrap_or(i64::MAX);
-            for tag in &entry.tags {
-                let set = self.tag_key(tag);
-                let _: Option<i64> = self.call(store, client.sadd(set.as_str(), key)).await;
-                // NX gives a new set its TTL, GT only ever extends it.
-                let _: Option<i64> = self
-                    .call(
-                        store,
-                        client.pexpire(set.as_str(), set_ttl, Some(ExpireOptions::NX)),
-                    )
-                    .await;
-                let _: Option<i64> = self
-                    .call(
-                        store,
-                        client.pexpire(set.as_str(), set_ttl, Some(ExpireOptions::GT)),
-                    )
-                    .await;
+            if !entry.tags.is_empty() {
+                self.index_tags(store, key, &entry.tags, ttl).await;
             }
         }
         true
+    }
+
+    /// The tag index: one set per surrogate key naming the entries that carry it, all of an entry's
+    /// tags in one round trip (a cluster client sends each set's commands to its node).
+    async fn index_tags(&self, store: &Store, key: &str, tags: &[String], ttl: Duration) {
+        let set_ttl = i64::try_from(ttl.max(TAG_SET_MIN_TTL).as_millis()).unwrap_or(i64::MAX);
+        let pipeline = Pipeline::from(self.command_client(store));
+        for tag in tags {
+            let set = self.tag_key(tag);
+            let queued: [Result<(), fred::error::Error>; 3] = [
+                pipeline.sadd(set.as_str(), key).await,
+                // NX gives a new set its TTL, GT only ever extends it.
+                pipeline
+                    .pexpire(set.as_str(), set_ttl, Some(ExpireOptions::NX))
+                    .await,
+                pipeline
+                    .pexpire(set.as_str(), set_ttl, Some(ExpireOptions::GT))
+                    .await,
+            ];
+            if queued.iter().any(Result::is_err) {
+                return;
+            }
+        }
+        let _: Option<Vec<Result<i64, fred::error::Error>>> = self
+            .call(store, async { Ok(pipeline.try_all::<i64>().await) })
+            .await;
     }
 
     /// Deletes `redis_key` only while it still holds `expected` (an entry we read or wrote, a lock
