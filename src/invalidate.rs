@@ -505,16 +505,20 @@ async fn subscribe(inner: Weak<Inner>, client: fred::clients::Client, channel: S
     let mut messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     let mut first = true;
+    let mut pause = RETRY_EVERY;
     loop {
         if inner.strong_count() == 0 {
             return;
         }
         if client.wait_for_connect().await.is_err()
             || client.subscribe(channel.as_str()).await.is_err()
+            || !listening(&client, &channel).await
         {
-            tokio::time::sleep(RETRY_EVERY).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_LIMIT);
             continue;
         }
+        pause = RETRY_EVERY;
         // A connection event that came before this subscription is this subscription.
         while reconnects.try_recv().is_ok() {}
         match inner.upgrade() {
@@ -534,6 +538,7 @@ async fn subscribe(inner: Weak<Inner>, client: fred::clients::Client, channel: S
                     );
                 }
                 Stats::incr(&inner.stats.pubsub_reconnects);
+                inner.subscribed.send_replace(true);
             }
             None => return,
         }
@@ -562,6 +567,27 @@ async fn subscribe(inner: Weak<Inner>, client: fred::clients::Client, channel: S
                 }
             }
         }
+    }
+}
+
+/// Whether the subscriber's connection really listens now. fred reports a SUBSCRIBE that Redis
+/// refused (an ACL user without `+subscribe` or without the channel) as done; a connection that
+/// listens answers PING with an array (RESP2's subscribed form), one that does not with `PONG`. A
+/// cluster client may send the PING to another node than its subscription's: trusted as it is.
+async fn listening(client: &fred::clients::Client, channel: &str) -> bool {
+    if client.is_clustered() {
+        return true;
+    }
+    match client.ping::<fred::types::Value>(None).await {
+        Ok(fred::types::Value::Array(_)) => true,
+        Ok(_) => {
+            tracing::warn!(
+                channel,
+                "Redis refused to subscribe this instance to the invalidation channel (an ACL? the user needs +subscribe and the channel); purges of other instances go unheard until it does"
+            );
+            false
+        }
+        Err(_) => false,
     }
 }
 

@@ -699,3 +699,43 @@ async fn a_write_that_lands_after_another_instances_purge_is_taken_back() {
 async fn a_vary_record_that_lands_after_another_instances_purge_is_taken_back() {
     late_write_is_taken_back(true).await;
 }
+
+/// An instance listens for invalidations before it serves (start-up waits for its subscription,
+/// as it waits for Redis): served earlier, its L1 would be flushed when the subscription came, and
+/// the L2 reads under way then discarded. Redis refuses B's first SUBSCRIBE here (an ACL), so B's
+/// subscription comes late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_listens_for_invalidations_before_it_serves() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    expect(&sget(&a, "/inv/early").await, "MISS", "/inv/early v1");
+    flush_l2(&a).await;
+
+    assert_eq!(
+        redis.cli(&["acl", "setuser", "default", "-subscribe"]),
+        "OK"
+    );
+    let b = instance(&origin, &redis, ADMIN).await;
+    let url = b.url("/inv/early");
+    let first = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    wait_until("Redis refuses B's SUBSCRIBE", || {
+        redis.cli(&["acl", "log"]).contains("subscribe")
+    })
+    .await;
+    assert_eq!(
+        redis.cli(&["acl", "setuser", "default", "+subscribe"]),
+        "OK"
+    );
+    expect(&first.await.unwrap(), "HIT-L2", "/inv/early v1");
+    wait_until("B listens", || b.stats().pubsub_reconnects >= 1).await;
+    // Answered after B listened, the first request's copy was not flushed.
+    expect(&sget(&b, "/inv/early").await, "HIT-L1", "/inv/early v1");
+    // And B does listen (fred reports the refused SUBSCRIBE as done: B checks and tries again).
+    purge(&a, json!({"key": "shared.test/inv/early"})).await;
+    wait_until("B applies A's purge", || {
+        b.stats().invalidations_applied >= 1
+    })
+    .await;
+    expect(&sget(&b, "/inv/early").await, "MISS", "/inv/early v2");
+}

@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     pub(crate) unfinished: Vec<Pending>,
     /// This process on the invalidation channel (its own messages are not applied twice).
     pub(crate) instance: String,
+    /// Whether a subscriber has listened to the invalidation channel yet (start-up waits for it).
+    pub(crate) subscribed: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running proxy's shared state; cheap to clone.
@@ -261,6 +263,7 @@ impl Proxy {
             pending: Pending::default(),
             unfinished: (0..stores).map(|_| Pending::default()).collect(),
             instance: instance_name(),
+            subscribed: tokio::sync::watch::Sender::new(false),
             config,
         }));
         proxy.start_broadcast();
@@ -318,11 +321,22 @@ impl Proxy {
         }
     }
 
-    /// Gives Redis a moment to connect before traffic is served (at most `patience`); Strata serves
-    /// either way.
+    /// Gives Redis a moment to connect, and this instance a moment to start listening for
+    /// invalidations, before traffic is served (at most `patience` in all); Strata serves either way.
     pub async fn await_l2_startup(&self, patience: std::time::Duration) {
-        if let Some(l2) = self.0.cache.l2() {
-            l2.await_startup(patience).await;
+        let Some(l2) = self.0.cache.l2() else { return };
+        let deadline = tokio::time::Instant::now() + patience;
+        if !l2.await_startup(patience).await {
+            return;
+        }
+        // Then the invalidation channel: what L1 holds when the first subscription comes is
+        // flushed (a purge may have gone unheard), and every L2 read under way discarded.
+        let mut subscribed = self.0.subscribed.subscribe();
+        let listening = subscribed.wait_for(|subscribed| *subscribed);
+        if tokio::time::timeout_at(deadline, listening).await.is_err() {
+            tracing::warn!(
+                "not yet listening for invalidations: serving; L1 is flushed once listening"
+            );
         }
     }
 
