@@ -288,8 +288,13 @@ impl Pending {
 /// Applies a purge to this instance: logged first (a fill under way, or an L2 read, checks the log
 /// before it keeps what it got), then taken out of L1. Returns how many L1 entries it concerned.
 pub(crate) fn purge_here(inner: &Inner, purge: &Purge, now: SystemTime) -> u64 {
-    inner.purge_log.record(purge);
-    inner.cache.purge_l1(purge, now)
+    log_and_purge_l1(inner, purge, now).1
+}
+
+/// [`purge_here`]'s work: the purge's generation in the log, and how many L1 entries it concerned.
+fn log_and_purge_l1(inner: &Inner, purge: &Purge, now: SystemTime) -> (u64, u64) {
+    let generation = inner.purge_log.record(purge);
+    (generation, inner.cache.purge_l1(purge, now))
 }
 
 /// [`purge_here`] for another instance's purge, heard of for the first time; then the L2 writes
@@ -298,8 +303,7 @@ pub(crate) fn purge_here(inner: &Inner, purge: &Purge, now: SystemTime) -> u64 {
 /// still on its way when a purge is logged checks again once it landed; one that landed before a
 /// purge made here was deleted by it.)
 fn purge_heard(inner: &Inner, purge: &Purge, now: SystemTime) {
-    let generation = inner.purge_log.record(purge);
-    inner.cache.purge_l1(purge, now);
+    let (generation, _) = log_and_purge_l1(inner, purge, now);
     if let Some(l2) = inner.cache.l2() {
         l2.retract_overtaken(purge, generation);
     }
@@ -326,9 +330,7 @@ async fn take_back(inner: &Inner, Retraction { writes, purge }: Retraction) {
             store,
             "a Redis store did not answer while writes a purge overtook were taken back; it gets the purge again when it answers"
         );
-        if let Some(queue) = inner.unfinished.get(store) {
-            queue.push(purge.clone());
-        }
+        owe(inner, store, &purge);
     }
     if deleted == 0 {
         return;
@@ -337,6 +339,20 @@ async fn take_back(inner: &Inner, Retraction { writes, purge }: Retraction) {
         deleted,
         "L2 values fetched before a purge and stored after it were deleted; the purge is published again"
     );
+    apply_and_publish_again(inner, purge).await;
+}
+
+/// Queues a purge for store `index`, which did not take it: done there when it answers again (see
+/// `retry_store`).
+fn owe(inner: &Inner, index: usize, purge: &Purge) {
+    if let Some(queue) = inner.unfinished.get(index) {
+        queue.push(purge.clone());
+    }
+}
+
+/// Applies a purge here again and publishes it again (receivers apply it to L1, nothing more):
+/// while a Redis store held what it purges, any instance may have put that back in its L1.
+async fn apply_and_publish_again(inner: &Inner, purge: Purge) {
     purge_here(inner, &purge, inner.clock.now());
     if !publish(inner, &purge, true).await {
         inner.pending.push(purge);
@@ -353,9 +369,7 @@ pub(crate) async fn purge_l2(inner: &Inner, purge: &Purge, now: SystemTime) -> (
             store = index,
             "a Redis store did not take a purge; it gets it again when it answers"
         );
-        if let Some(queue) = inner.unfinished.get(index) {
-            queue.push(purge.clone());
-        }
+        owe(inner, index, purge);
     }
     (outcome.concerned, !outcome.unfinished.is_empty())
 }
@@ -469,10 +483,7 @@ async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
             return false;
         }
         queue.pop(&purge);
-        purge_here(inner, &purge, inner.clock.now());
-        if !publish(inner, &purge, true).await {
-            inner.pending.push(purge);
-        }
+        apply_and_publish_again(inner, purge).await;
         tracing::info!(
             store = index,
             "a purge a Redis store missed is now done there, and published again"

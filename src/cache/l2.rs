@@ -621,10 +621,8 @@ impl L2 {
             return false;
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        if let Slot::Entry(entry) = slot {
-            if !entry.tags.is_empty() {
-                self.index_tags(store, key, &entry.tags, ttl).await;
-            }
+        if !tags.is_empty() {
+            self.index_tags(store, key, tags, ttl).await;
         }
         true
     }
@@ -670,11 +668,8 @@ impl L2 {
 
     fn remember(&self, write: SentWrite) {
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        while sent.len() >= SENT_WRITES_CAPACITY
-            || sent
-                .front()
-                .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
-        {
+        forget_expired(&mut sent);
+        if sent.len() >= SENT_WRITES_CAPACITY {
             sent.pop_front();
         }
         sent.push_back(write);
@@ -701,12 +696,7 @@ impl L2 {
         let mut overtaken = Vec::new();
         {
             let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-            while sent
-                .front()
-                .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
-            {
-                sent.pop_front();
-            }
+            forget_expired(&mut sent);
             sent.retain(|write| {
                 let concerned =
                     write.since < generation && purge.matches(primary_key(&write.key), &write.tags);
@@ -1102,33 +1092,41 @@ impl L2 {
 /// a runtime worker and every request scheduled on it.
 const INLINE_CODEC_LIMIT: usize = 64 * 1024;
 
-async fn encode_off_runtime(slot: &Slot) -> Vec<u8> {
-    let large = matches!(slot, Slot::Entry(entry) if entry.body.len() > INLINE_CODEC_LIMIT);
-    if !large {
-        return codec::encode(slot);
+/// Drops the remembered writes older than `SENT_WRITES_KEPT` (they are oldest first).
+fn forget_expired(sent: &mut VecDeque<SentWrite>) {
+    while sent
+        .front()
+        .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
+    {
+        sent.pop_front();
     }
-    let slot = slot.clone();
-    tokio::task::spawn_blocking(move || codec::encode(&slot))
-        .await
-        .unwrap_or_default()
 }
 
-/// A slot's stored form and its SHA-1 in hex (as Redis's `redis.sha1hex` spells it), computed on
-/// the blocking pool for large values. `None` if that task failed.
+/// Runs `work` on `slot` here, or on the blocking pool when its body is large. `None` if that task
+/// failed.
+async fn off_runtime<T: Send + 'static>(slot: &Slot, work: fn(&Slot) -> T) -> Option<T> {
+    let large = matches!(slot, Slot::Entry(entry) if entry.body.len() > INLINE_CODEC_LIMIT);
+    if !large {
+        return Some(work(slot));
+    }
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || work(&slot)).await.ok()
+}
+
+/// A slot's stored form (empty if the encoder task failed).
+async fn encode_off_runtime(slot: &Slot) -> Vec<u8> {
+    off_runtime(slot, codec::encode).await.unwrap_or_default()
+}
+
+/// A slot's stored form and its SHA-1 in hex (as Redis's `redis.sha1hex` spells it). `None` if
+/// the encoder task failed.
 async fn encode_for_write(slot: &Slot) -> Option<(Bytes, String)> {
-    fn encode(slot: &Slot) -> (Bytes, String) {
+    off_runtime(slot, |slot| {
         let value = codec::encode(slot);
         let digest = sha1_smol::Sha1::from(&value).digest().to_string();
         (Bytes::from(value), digest)
-    }
-    let large = matches!(slot, Slot::Entry(entry) if entry.body.len() > INLINE_CODEC_LIMIT);
-    if !large {
-        return Some(encode(slot));
-    }
-    let slot = slot.clone();
-    tokio::task::spawn_blocking(move || encode(&slot))
-        .await
-        .ok()
+    })
+    .await
 }
 
 async fn decode_off_runtime(value: Bytes, max_body: u64) -> Result<Slot, CodecError> {
