@@ -65,5 +65,13 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 127
 fi
 
+# A clean build of the suite takes about 1.5 GB under target/; say so up front rather than let the
+# linker fail half-way with "No space left on device".
+mkdir -p target
+free_kb=$(df -Pk target 2>/dev/null | awk 'NR == 2 { print $4 }')
+if [[ -n "$free_kb" ]] && ((free_kb < 2 * 1024 * 1024)); then
+    warn "only $((free_kb / 1024)) MB free under target/; a clean build of the suite needs about 1.5 GB"
+fi
+
 command -v redis-server >/dev/null 2>&1 && echo "tests/run.sh: using $(redis-server --version | cut -d' ' -f1-3)"
 exec cargo test --locked --all-targets "$@"
