@@ -202,6 +202,12 @@ async fn soft_purge_on_a_makes_b_serve_stale() {
     let v = purge(&a, json!({"key": "shared.test/inv/soft", "soft": true})).await;
     let answered = Instant::now();
     assert_eq!(v["broadcast"], true, "{v}");
+    // The L2 copy was marked stale in place (read, rewritten while unchanged), not removed.
+    assert_eq!(
+        (v["l2_removed"].as_u64(), v["l2_pending"].as_bool()),
+        (Some(1), Some(false)),
+        "{v}"
+    );
     let (r, took) = wait_not_hit(&b, "/inv/soft", answered, PROPAGATION_LIMIT).await;
     expect(&r, "STALE", "/inv/soft v1");
     println!("soft purge: B served STALE {took:?} after A answered");

@@ -728,3 +728,32 @@ async fn a_fill_too_big_to_store_releases_the_fleet_lock_at_once() {
         assert_eq!(r.x_cache(), "MISS", "{name}");
     }
 }
+
+/// The scripts that take a write back and rewrite a soft-purged entry act only on the value that
+/// was read (its SHA-1): a copy stored in between, by any instance, is left as it is; a rewrite
+/// keeps the entry's TTL.
+#[tokio::test]
+async fn digest_scripts_touch_only_the_value_they_read() {
+    use strata::cache::l2::{DELETE_IF_DIGEST_SCRIPT, SET_IF_DIGEST_SCRIPT};
+    let redis = RedisServer::start();
+    let sha1 = |value: &str| sha1_smol::Sha1::from(value).digest().to_string();
+    assert_eq!(redis.cli(&["set", "k", "read", "ex", "300"]), "OK");
+
+    let set_if = |digest: &str, value: &str| {
+        redis.cli(&["eval", SET_IF_DIGEST_SCRIPT, "1", "k", digest, value])
+    };
+    assert_eq!(set_if(&sha1("other"), "stale"), "0");
+    assert_eq!(redis.cli(&["get", "k"]), "read");
+    assert_eq!(set_if(&sha1("read"), "stale"), "1");
+    assert_eq!(redis.cli(&["get", "k"]), "stale");
+    let ttl: u64 = redis.cli(&["ttl", "k"]).parse().unwrap();
+    assert!((290..=300).contains(&ttl), "TTL {ttl} after the rewrite");
+
+    let delete_if = |digest: &str| redis.cli(&["eval", DELETE_IF_DIGEST_SCRIPT, "1", "k", digest]);
+    assert_eq!(delete_if(&sha1("read")), "0");
+    assert_eq!(redis.cli(&["get", "k"]), "stale");
+    assert_eq!(delete_if(&sha1("stale")), "1");
+    assert_eq!(redis.cli(&["exists", "k"]), "0");
+    assert_eq!(set_if(&sha1("stale"), "again"), "0", "nothing to rewrite");
+    assert_eq!(redis.cli(&["exists", "k"]), "0");
+}

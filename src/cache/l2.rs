@@ -75,7 +75,11 @@ const SENT_WRITES_CAPACITY: usize = 16_384;
 const TAKE_BACK_CONCURRENCY: usize = 16;
 /// Deletes KEYS[1] only while its value's SHA-1 is ARGV[1]: the copy this instance wrote, not one
 /// stored since (by any instance), nor one a soft purge marked stale since.
-const DELETE_IF_DIGEST_SCRIPT: &str = "local v = redis.call('get', KEYS[1]); if v and redis.sha1hex(v) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+pub const DELETE_IF_DIGEST_SCRIPT: &str = "local v = redis.call('get', KEYS[1]); if v and redis.sha1hex(v) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+/// Rewrites KEYS[1] to ARGV[2], keeping its TTL, only while its value's SHA-1 is still ARGV[1]: a soft
+/// purge read the entry, marked it stale and writes it back, and must not replace a copy another
+/// instance stored in between.
+pub const SET_IF_DIGEST_SCRIPT: &str = "local v = redis.call('get', KEYS[1]); if v and redis.sha1hex(v) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL'); return 1 else return 0 end";
 /// A tag set outlives the entries it names by at least this much (it is small; an expired set would
 /// let a tag purge miss live entries).
 const TAG_SET_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -926,7 +930,9 @@ impl L2 {
     }
 
     /// Soft purge of one Redis entry: rewritten stale from `now` on, its TTL kept. `Ok(false)` when
-    /// there was nothing fresh to mark (absent, already stale, unreadable).
+    /// there was nothing fresh to mark (absent, already stale, unreadable) or the entry changed
+    /// between our read and our write: a copy stored since is either newer than the purge, or a
+    /// fill the purge overtook, which its writer takes back when it hears of the purge.
     async fn expire_in_place(
         &self,
         store: &Store,
@@ -941,6 +947,7 @@ impl L2 {
         let Some(value) = value else {
             return Ok(false);
         };
+        let read = sha1_smol::Sha1::from(&value).digest().to_string();
         let Ok(Slot::Entry(entry)) = decode_off_runtime(value, self.max_body).await else {
             return Ok(false);
         };
@@ -949,13 +956,21 @@ impl L2 {
         }
         let expired = Slot::Entry(Arc::new(entry.expired_at(now)));
         let value = Bytes::from(encode_off_runtime(&expired).await);
-        let written: Option<()> = self
+        let written: i64 = self
             .call(
                 store,
-                client.set(redis_key, value, Some(Expiration::KEEPTTL), None, false),
+                client.eval(
+                    SET_IF_DIGEST_SCRIPT,
+                    vec![redis_key],
+                    vec![
+                        fred::types::Value::from(read),
+                        fred::types::Value::from(value),
+                    ],
+                ),
             )
-            .await;
-        written.map(|()| true).ok_or(Unfinished)
+            .await
+            .ok_or(Unfinished)?;
+        Ok(written > 0)
     }
 
     /// Waits until every queued write has been attempted.
