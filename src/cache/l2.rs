@@ -468,6 +468,49 @@ impl L2 {
         }
     }
 
+    /// Runs a pipeline of commands that each answer an integer. `None` when the store did not
+    /// answer it: fred reports a lost connection in every reply, not as the pipeline's result, so
+    /// such replies count against the breaker like a failed call (not for it).
+    async fn call_pipeline(
+        &self,
+        store: &Store,
+        pipeline: Pipeline<WithOptions<fred::clients::Client>>,
+    ) -> Option<Vec<Result<i64, fred::error::Error>>> {
+        let replies = match tokio::time::timeout(
+            self.timeout + Duration::from_millis(5),
+            pipeline.try_all::<i64>(),
+        )
+        .await
+        {
+            Ok(replies) => replies,
+            Err(_) => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                store.breaker.failure();
+                return None;
+            }
+        };
+        let unanswered = |reply: &Result<i64, fred::error::Error>| {
+            reply.as_ref().is_err_and(|error| {
+                use fred::error::ErrorKind;
+                matches!(
+                    error.kind(),
+                    ErrorKind::IO
+                        | ErrorKind::Timeout
+                        | ErrorKind::Canceled
+                        | ErrorKind::Backpressure
+                )
+            })
+        };
+        if !replies.is_empty() && replies.iter().all(unanswered) {
+            tracing::debug!("Redis did not answer a pipeline");
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            store.breaker.failure();
+            return None;
+        }
+        store.breaker.success();
+        Some(replies)
+    }
+
     /// The slot stored under a cache key (entry or vary record), if any and readable.
     pub async fn get(&self, key: &str) -> Option<Slot> {
         let (_, store) = self.active()?;
@@ -652,9 +695,7 @@ impl L2 {
                 return;
             }
         }
-        let _: Option<Vec<Result<i64, fred::error::Error>>> = self
-            .call(store, async { Ok(pipeline.try_all::<i64>().await) })
-            .await;
+        let _ = self.call_pipeline(store, pipeline).await;
     }
 
     /// Deletes `redis_key` only while it still holds `expected` (an entry we read or wrote, a lock
@@ -911,8 +952,8 @@ impl L2 {
             let queued: Result<(), fred::error::Error> = pipeline.unlink(key.as_str()).await;
             queued.map_err(|_| Unfinished)?;
         }
-        let replies: Vec<Result<i64, fred::error::Error>> = self
-            .call(store, async { Ok(pipeline.try_all::<i64>().await) })
+        let replies = self
+            .call_pipeline(store, pipeline)
             .await
             .ok_or(Unfinished)?;
         let mut removed = 0;
