@@ -938,3 +938,44 @@ async fn purges_of_many_l2_keys_take_them_all() {
     assert_eq!(under("strata:e:shared.test/kept/"), 10, "untouched");
     assert_eq!(a.stats().l2_errors, 0, "{:?}", a.stats());
 }
+
+/// A revalidated copy keeps its surrogate keys: a 304 that does not repeat them leaves the copy's
+/// own, one that does replaces them; either way clients do not see them (SURROGATE_HEADERS_VISIBLE
+/// is off), and a tag purge still finds the copy.
+#[tokio::test]
+async fn a_revalidated_copy_keeps_its_surrogate_keys() {
+    let origin = MockOrigin::start(|r| {
+        if r.header("if-none-match").is_some() {
+            let reply = Reply::status(304, "")
+                .header("etag", "\"r1\"")
+                .cc("max-age=100");
+            match r.path.as_str() {
+                "/reval/renamed" => reply.header("surrogate-key", "renamed"),
+                _ => reply,
+            }
+        } else {
+            Reply::ok(format!("{} v{}", r.path, r.hit))
+                .cc("max-age=100")
+                .header("etag", "\"r1\"")
+                .header("surrogate-key", "first")
+        }
+    })
+    .await;
+    let proxy = start(&origin, &[]).await;
+    for (path, tag) in [("/reval/kept", "first"), ("/reval/renamed", "renamed")] {
+        let body = format!("{path} v1");
+        expect(&sget(&proxy, path).await, "MISS", &body);
+        proxy.advance(secs(200));
+        let r = sget(&proxy, path).await;
+        expect(&r, "REVALIDATED", &body);
+        assert_eq!(r.header("surrogate-key"), None, "{path}: {:?}", r.headers);
+        let r = sget(&proxy, path).await;
+        expect(&r, "HIT-L1", &body);
+        assert_eq!(r.header("surrogate-key"), None, "{path}: {:?}", r.headers);
+        assert_eq!(origin.hits(path), 2, "{path}");
+
+        let v = purge(&proxy, json!({ "tags": [tag] })).await;
+        assert_eq!(count(&v, "l1_removed"), 1, "{path}: {v}");
+        expect(&sget(&proxy, path).await, "MISS", &format!("{path} v3"));
+    }
+}

@@ -421,9 +421,19 @@ impl Proxy {
         let detail = Detail::Revalidated {
             forced: fwd == Fwd::Request,
         };
-        let merged = merge_not_modified(&stale.headers, not_modified);
+        let mut merged = merge_not_modified(&stale.headers, not_modified);
         match admit(policy_request, stale.status, &merged, now, &inner.config) {
-            Ok(admission) => {
+            Ok(mut admission) => {
+                // The stored headers lost their surrogate keys when the copy was stored (unless
+                // they are visible): a 304 that does not name them again keeps the copy's own.
+                let renamed = not_modified.contains_key(SURROGATE_KEY)
+                    || not_modified.contains_key(CACHE_TAG);
+                if !renamed {
+                    admission.tags = stale.tags.clone();
+                }
+                if !inner.config.surrogate_headers_visible {
+                    hide_surrogate_headers(&mut merged);
+                }
                 let entry = Arc::new(Entry::new(
                     stale.status,
                     &merged,
