@@ -24,6 +24,8 @@ use super::policy::Lifetime;
 const MAGIC: [u8; 2] = *b"ST";
 /// 2: entries carry their surrogate keys.
 const VERSION: u8 = 2;
+/// Header fields (and Vary names) an entry read from Redis may have.
+const MAX_STORED_FIELDS: usize = 4096;
 const FLAG_ZSTD: u8 = 1;
 /// Payloads smaller than this are not worth a compression attempt.
 const COMPRESS_ABOVE: usize = 1024;
@@ -240,6 +242,11 @@ pub fn decode(bytes: &[u8], max_body: u64) -> Result<Slot, CodecError> {
             if e.body.len() as u64 > max_body {
                 return Err(CodecError::TooLarge);
             }
+            // http's HeaderMap panics past ~24,000 fields; what Strata stores has at most what
+            // the origin client accepts (about a hundred), so more is a value not written by us.
+            if e.headers.len() > MAX_STORED_FIELDS || e.variant.len() > MAX_STORED_FIELDS {
+                return Err(CodecError::Payload);
+            }
             let status = StatusCode::from_u16(e.status).map_err(|_| CodecError::Payload)?;
             // The values in one buffer: one allocation, and an entry that owns exactly its bytes.
             let mut values =
@@ -377,6 +384,29 @@ mod tests {
         let mut flipped = good.clone();
         flipped[3] = 7;
         assert!(decode(&flipped, 1024).is_err());
+    }
+
+    /// A value with more header fields than an HTTP map can hold is corrupt, not a panic.
+    #[test]
+    fn too_many_fields_are_corrupt() {
+        let stored = Stored::Entry(StoredEntry {
+            status: 200,
+            headers: vec![("x-a".to_string(), Bytes::new()); 30_000],
+            body: Bytes::from_static(b"hello"),
+            response_time_ms: 0,
+            fresh_until_ms: 0,
+            stale_while_revalidate_until_ms: 0,
+            stale_if_error_until_ms: 0,
+            initial_age_ms: 0,
+            never_stale: false,
+            honours_max_stale: false,
+            variant: Vec::new(),
+            tags: Vec::new(),
+        });
+        let mut value = MAGIC.to_vec();
+        value.extend_from_slice(&[VERSION, 0]);
+        value.extend(postcard::to_allocvec(&stored).unwrap_or_default());
+        assert_eq!(decode(&value, 1024).err(), Some(CodecError::Payload));
     }
 
     /// A value written by something else (or tampered with) cannot make an answer's framing lie.
