@@ -947,3 +947,37 @@ async fn repeated_headers_survive_a_hit() {
     assert_eq!(hit.all("x-multi"), ["one", "two"]);
     assert_eq!(origin.hits("/multi"), 1);
 }
+
+/// A field the request's `Connection` header names never reaches the origin (RFC 9110 §7.6.1), so
+/// it does not select a variant either: otherwise `Connection: accept-language` would store the
+/// default page under `Accept-Language: fr` for every French reader.
+#[tokio::test]
+async fn connection_options_do_not_select_a_variant() {
+    let origin = MockOrigin::start(|r| {
+        let language = r.header("accept-language").unwrap_or("default").to_string();
+        Reply::ok(format!("page in {language}"))
+            .cc("max-age=300")
+            .header("vary", "Accept-Language")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/lang");
+
+    let hidden = [("accept-language", "fr"), ("connection", "accept-language")];
+    let r = get(&url, &hidden).await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("MISS", "page in default")
+    );
+    let r = get(&url, &[("accept-language", "fr")]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "page in fr"));
+    let r = get(&url, &[("accept-language", "fr")]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT-L1", "page in fr"));
+    // The first answer was stored as what it is: the variant without the field.
+    let r = get(&url, &[]).await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("HIT-L1", "page in default")
+    );
+    assert_eq!(origin.hits("/lang"), 2);
+}

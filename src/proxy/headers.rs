@@ -48,6 +48,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes the fields a request's `Connection` header names as soon as it arrives, before the cache
+/// reads it. They never reach the origin (RFC 9110 §7.6.1); a cache that still selected a `Vary`
+/// variant by one of them would store the origin's answer under a variant the origin never saw, so
+/// `Accept-Language: fr` with `Connection: accept-language` could put the default page in place of
+/// the French one for everybody. The hop-by-hop fields themselves stay for the upgrade check and
+/// are removed toward the origin.
+pub fn drop_connection_options(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
+        return;
+    }
+    let is_hop_by_hop = |name: &str| {
+        HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(name))
+    };
+    // The usual `keep-alive`, `close` or `upgrade` name nothing else: nothing is allocated.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && !is_hop_by_hop(name))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+}
+
 fn via_for(version: Version) -> HeaderValue {
     // Constants: `from_static` outside a const context checks every byte on each call.
     match version {

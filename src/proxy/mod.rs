@@ -379,6 +379,7 @@ impl Proxy {
             });
         }
         let (mut parts, _empty_body) = request.into_parts();
+        headers::drop_connection_options(&mut parts.headers);
         if self.0.config.normalize_accept_encoding {
             encoding::normalize(&mut parts.headers);
         }
