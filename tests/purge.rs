@@ -979,3 +979,27 @@ async fn a_revalidated_copy_keeps_its_surrogate_keys() {
         expect(&sget(&proxy, path).await, "MISS", &format!("{path} v3"));
     }
 }
+
+/// A soft purge of a URL whose answers vary reaches its variants in L2: an instance with nothing in
+/// L1 must not find them fresh there afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_purge_reaches_every_l2_variant() {
+    let redis = RedisServer::start();
+    let origin = vary_origin().await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    for encoding in ENCODINGS {
+        assert_eq!(vget(&a, "/l2v/soft", encoding).await.x_cache(), "MISS");
+    }
+    flush_l2(&a).await;
+    purge(&a, json!({"key": "shared.test/l2v/soft", "soft": true})).await;
+
+    let c = instance(&origin, &redis, ADMIN).await;
+    for encoding in ENCODINGS {
+        let r = vget(&c, "/l2v/soft", encoding).await;
+        assert_ne!(
+            r.x_cache(),
+            "HIT-L2",
+            "{encoding}: a soft-purged variant served fresh"
+        );
+    }
+}

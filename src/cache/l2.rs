@@ -989,8 +989,18 @@ impl L2 {
             return Ok(false);
         };
         let read = sha1_smol::Sha1::from(&value).digest().to_string();
-        let Ok(Slot::Entry(entry)) = decode_off_runtime(value, self.max_body).await else {
-            return Ok(false);
+        let entry = match decode_off_runtime(value.clone(), self.max_body).await {
+            Ok(Slot::Entry(entry)) => entry,
+            // A URL whose answers vary: its variants are stored under keys only its record and a
+            // request's fields lead to, so they cannot be marked one by one. Without the record
+            // they cannot be found: instances refetch, and those with a copy in L1 serve it stale.
+            Ok(Slot::Vary(_)) => {
+                let deleted = self
+                    .compare_and_delete(store, redis_key.to_string(), Value::from(value))
+                    .await;
+                return Ok(deleted);
+            }
+            _ => return Ok(false),
         };
         if !entry.is_fresh(now) {
             return Ok(false);
