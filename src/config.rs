@@ -305,11 +305,22 @@ impl Config {
     pub fn from_raw(raw: RawArgs) -> Result<Config, ConfigError> {
         let redis = parse_redis(&raw)?;
         let admin_addr = parse_addr(ADMIN_ADDR, &raw.admin_addr)?;
-        let admin_token = raw
-            .admin_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(AdminToken);
+        // A token read from a file (a Kubernetes secret, `$(cat token)`) often ends in a newline,
+        // which no HTTP header can carry: surrounding whitespace is dropped, and a token that still
+        // could never be sent is refused rather than locking every admin route.
+        let admin_token = match raw.admin_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(ConfigError::invalid(
+                    ADMIN_TOKEN,
+                    "<redacted>",
+                    "may hold only visible ASCII characters (it is sent in an Authorization header)",
+                ));
+            }
+            Some(token) => Some(AdminToken(token.to_string())),
+        };
+        tracing_subscriber::EnvFilter::try_new(&raw.rust_log)
+            .map_err(|error| ConfigError::invalid(RUST_LOG, &raw.rust_log, error.to_string()))?;
         if admin_token.is_none() && !admin_addr.ip().is_loopback() {
             return Err(ConfigError::invalid(
                 ADMIN_ADDR,
@@ -617,6 +628,19 @@ mod tests {
             .as_ref()
             .is_some_and(|t| !t.matches(b"s3cre7") && !t.matches(b"s3cret ")));
         assert_eq!(format!("{token:?}"), "Some(AdminToken(<redacted>))");
+    }
+
+    #[test]
+    fn admin_token_is_trimmed_and_must_be_sendable() {
+        let token = Config::from_vars([("ORIGIN_URL", "http://o"), ("ADMIN_TOKEN", " s3cret\n")])
+            .ok()
+            .and_then(|c| c.admin_token);
+        assert!(token.as_ref().is_some_and(|t| t.matches(b"s3cret")));
+        let err = Config::from_vars([("ORIGIN_URL", "http://o"), ("ADMIN_TOKEN", "s3 cret")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("ADMIN_TOKEN") && !err.contains("s3"), "{err}");
     }
 
     #[test]

@@ -45,6 +45,13 @@ fn non_numeric_cache_size_exits_2_naming_it() {
 }
 
 #[test]
+fn invalid_log_filter_exits_2_naming_it() {
+    let origin = refused_url();
+    let stderr = expect_exit_2(&[("ORIGIN_URL", &origin), ("RUST_LOG", "strata=verbose")]);
+    assert!(stderr.contains("RUST_LOG"), "stderr: {stderr}");
+}
+
+#[test]
 fn non_http_origin_exits_2_naming_it() {
     let stderr = expect_exit_2(&[("ORIGIN_URL", "ftp://x")]);
     assert!(stderr.contains("ORIGIN_URL"), "stderr: {stderr}");
