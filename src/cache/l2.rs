@@ -470,25 +470,12 @@ impl L2 {
 
     /// Runs a pipeline of commands that each answer an integer. `None` when the store did not
     /// answer it: fred reports a lost connection in every reply, not as the pipeline's result, so
-    /// such replies count against the breaker like a failed call (not for it).
+    /// such a pipeline is handed to [`L2::call`] as the failure it is (not counted for the breaker).
     async fn call_pipeline(
         &self,
         store: &Store,
         pipeline: Pipeline<WithOptions<fred::clients::Client>>,
     ) -> Option<Vec<Result<i64, fred::error::Error>>> {
-        let replies = match tokio::time::timeout(
-            self.timeout + Duration::from_millis(5),
-            pipeline.try_all::<i64>(),
-        )
-        .await
-        {
-            Ok(replies) => replies,
-            Err(_) => {
-                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                store.breaker.failure();
-                return None;
-            }
-        };
         let unanswered = |reply: &Result<i64, fred::error::Error>| {
             reply.as_ref().is_err_and(|error| {
                 use fred::error::ErrorKind;
@@ -501,14 +488,14 @@ impl L2 {
                 )
             })
         };
-        if !replies.is_empty() && replies.iter().all(unanswered) {
-            tracing::debug!("Redis did not answer a pipeline");
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            store.breaker.failure();
-            return None;
-        }
-        store.breaker.success();
-        Some(replies)
+        let answered = async {
+            let replies = pipeline.try_all::<i64>().await;
+            match replies.first() {
+                Some(Err(error)) if replies.iter().all(unanswered) => Err(error.clone()),
+                _ => Ok(replies),
+            }
+        };
+        self.call(store, answered).await
     }
 
     /// The slot stored under a cache key (entry or vary record), if any and readable.
@@ -1013,10 +1000,7 @@ impl L2 {
                 client.eval(
                     SET_IF_DIGEST_SCRIPT,
                     vec![redis_key],
-                    vec![
-                        fred::types::Value::from(read),
-                        fred::types::Value::from(value),
-                    ],
+                    vec![Value::from(read), Value::from(value)],
                 ),
             )
             .await
