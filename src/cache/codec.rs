@@ -386,12 +386,12 @@ mod tests {
         assert!(decode(&flipped, 1024).is_err());
     }
 
-    /// A value with more header fields than an HTTP map can hold is corrupt, not a panic.
-    #[test]
-    fn too_many_fields_are_corrupt() {
+    /// A Redis value holding an entry with these header fields and the body `hello`, framed as
+    /// [`encode`] frames it but built field by field, as something other than Strata could.
+    fn written_elsewhere(headers: Vec<(String, Bytes)>) -> Vec<u8> {
         let stored = Stored::Entry(StoredEntry {
             status: 200,
-            headers: vec![("x-a".to_string(), Bytes::new()); 30_000],
+            headers,
             body: Bytes::from_static(b"hello"),
             response_time_ms: 0,
             fresh_until_ms: 0,
@@ -406,6 +406,13 @@ mod tests {
         let mut value = MAGIC.to_vec();
         value.extend_from_slice(&[VERSION, 0]);
         value.extend(postcard::to_allocvec(&stored).unwrap_or_default());
+        value
+    }
+
+    /// A value with more header fields than an HTTP map can hold is corrupt, not a panic.
+    #[test]
+    fn too_many_fields_are_corrupt() {
+        let value = written_elsewhere(vec![("x-a".to_string(), Bytes::new()); 30_000]);
         assert_eq!(decode(&value, 1024).err(), Some(CodecError::Payload));
     }
 
@@ -414,28 +421,12 @@ mod tests {
     fn decoded_entries_are_framed_by_their_body() {
         let field =
             |name: &str, value: &'static [u8]| (name.to_string(), Bytes::from_static(value));
-        let stored = Stored::Entry(StoredEntry {
-            status: 200,
-            headers: vec![
-                field("content-length", b"999"),
-                field("transfer-encoding", b"chunked"),
-                field("age", b"77"),
-                field("content-type", b"text/plain"),
-            ],
-            body: Bytes::from_static(b"hello"),
-            response_time_ms: 0,
-            fresh_until_ms: 0,
-            stale_while_revalidate_until_ms: 0,
-            stale_if_error_until_ms: 0,
-            initial_age_ms: 0,
-            never_stale: false,
-            honours_max_stale: false,
-            variant: Vec::new(),
-            tags: Vec::new(),
-        });
-        let mut value = MAGIC.to_vec();
-        value.extend_from_slice(&[VERSION, 0]);
-        value.extend(postcard::to_allocvec(&stored).unwrap_or_default());
+        let value = written_elsewhere(vec![
+            field("content-length", b"999"),
+            field("transfer-encoding", b"chunked"),
+            field("age", b"77"),
+            field("content-type", b"text/plain"),
+        ]);
         let Ok(Slot::Entry(entry)) = decode(&value, 1024) else {
             panic!("not decoded as an entry");
         };
