@@ -30,6 +30,9 @@ pub const ORIGIN_MAX_CONNS: &str = "ORIGIN_MAX_CONNS";
 /// The largest ORIGIN_MAX_CONNS (tokio's semaphore holds fewer than 2^61 permits; no origin takes
 /// more connections than this from one instance anyway).
 const MAX_ORIGIN_CONNS: usize = 1_000_000;
+pub const WORKER_THREADS: &str = "WORKER_THREADS";
+/// The most WORKER_THREADS: far past any machine's cores; more threads would only contend.
+const MAX_WORKER_THREADS: usize = 1024;
 pub const LOG_FORMAT: &str = "LOG_FORMAT";
 pub const RUST_LOG: &str = "RUST_LOG";
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -95,6 +98,10 @@ pub struct RawArgs {
     /// A WebSocket (upgraded) connection with no bytes either way for this long is closed.
     #[arg(long, env = TUNNEL_IDLE_TIMEOUT, value_name = TUNNEL_IDLE_TIMEOUT, default_value = "300s")]
     pub tunnel_idle_timeout: String,
+    /// Threads that serve requests; 0: one per CPU this process may use (affinity, cgroup quota).
+    /// With one, the runtime runs everything on a single thread, without cross-thread handoffs.
+    #[arg(long, env = WORKER_THREADS, value_name = WORKER_THREADS, default_value = "0")]
+    pub worker_threads: String,
     /// Log line format: text or json.
     #[arg(long, env = LOG_FORMAT, value_name = LOG_FORMAT, default_value = "text")]
     pub log_format: String,
@@ -161,6 +168,8 @@ pub struct Config {
     pub origin_max_conns: Option<usize>,
     pub shutdown_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    /// `None`: one per CPU available to the process.
+    pub worker_threads: Option<usize>,
     pub log_format: LogFormat,
     /// `None`: no L2.
     pub redis: Option<RedisConfig>,
@@ -262,6 +271,7 @@ const FLAGS: &[(&str, &str)] = &[
     (ORIGIN_MAX_CONNS, "--origin-max-conns"),
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (TUNNEL_IDLE_TIMEOUT, "--tunnel-idle-timeout"),
+    (WORKER_THREADS, "--worker-threads"),
     (LOG_FORMAT, "--log-format"),
     (RUST_LOG, "--rust-log"),
     (ADMIN_TOKEN, "--admin-token"),
@@ -399,6 +409,17 @@ impl Config {
                 TUNNEL_IDLE_TIMEOUT,
                 &raw.tunnel_idle_timeout,
             )?,
+            worker_threads: match raw.worker_threads.trim().parse::<usize>() {
+                Ok(0) => None,
+                Ok(n) if n <= MAX_WORKER_THREADS => Some(n),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        WORKER_THREADS,
+                        &raw.worker_threads,
+                        format!("expected 0 (one per CPU) to {MAX_WORKER_THREADS}"),
+                    ))
+                }
+            },
             log_format: match raw.log_format.to_ascii_lowercase().as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,

@@ -89,20 +89,45 @@ fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 #[test]
 fn binary_serves_health_and_exits_0_on_sigterm() {
+    serves_health_and_exits_0_on_sigterm(&[]);
+}
+
+/// WORKER_THREADS=1 runs everything on one thread (the current-thread scheduler: no worker
+/// threads beside the main one); 3 adds three workers. Either way the binary serves and stops.
+#[test]
+fn worker_threads_set_the_threads_that_serve() {
+    let one = serves_health_and_exits_0_on_sigterm(&[("WORKER_THREADS", "1")]);
+    let three = serves_health_and_exits_0_on_sigterm(&[("WORKER_THREADS", "3")]);
+    assert_eq!(
+        three,
+        one + 3,
+        "threads with 1 worker: {one}, with 3 workers: {three}"
+    );
+}
+
+/// The threads of process `pid` (Linux's /proc).
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count())
+        .unwrap_or(0)
+}
+
+/// Starts the binary with `extra` settings, expects /health 200 and a 502 from the traffic
+/// listener (the origin refuses), then exit status 0 after SIGTERM. Returns how many threads the
+/// process had while serving.
+fn serves_health_and_exits_0_on_sigterm(extra: &[(&str, &str)]) -> usize {
     let listen = free_addr();
     let admin = free_addr();
     let origin = refused_url();
     let (listen_s, admin_s) = (listen.to_string(), admin.to_string());
-    let mut child = strata(
-        &[
-            ("ORIGIN_URL", &origin),
-            ("LISTEN_ADDR", &listen_s),
-            ("ADMIN_ADDR", &admin_s),
-            ("SHUTDOWN_TIMEOUT", "5s"),
-        ],
-        Stdio::null(),
-        Stdio::null(),
-    );
+    let mut vars = vec![
+        ("ORIGIN_URL", origin.as_str()),
+        ("LISTEN_ADDR", &listen_s),
+        ("ADMIN_ADDR", &admin_s),
+        ("SHUTDOWN_TIMEOUT", "5s"),
+    ];
+    vars.extend_from_slice(extra);
+    let mut child = strata(&vars, Stdio::null(), Stdio::null());
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let (status, body) = loop {
@@ -123,6 +148,7 @@ fn binary_serves_health_and_exits_0_on_sigterm() {
     // The traffic listener is up too (the origin is down, so a 502).
     let (status, _) = try_get(listen, "/anything").expect("traffic listener answers");
     assert_eq!(status, 502);
+    let threads = thread_count(child.0.id());
 
     send_sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(10));
@@ -131,6 +157,7 @@ fn binary_serves_health_and_exits_0_on_sigterm() {
         Some(0),
         "exit status after SIGTERM: {status:?}"
     );
+    threads
 }
 
 #[test]
@@ -155,7 +182,7 @@ fn durations_parse_in_operator_units() {
 
 #[test]
 fn from_vars_errors_name_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 12] = [
+    let cases: [(&[(&str, &str)], &str); 14] = [
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
             "CACHE_SIZE_MB",
@@ -195,6 +222,14 @@ fn from_vars_errors_name_the_variable() {
             "ORIGIN_MAX_CONNS",
         ),
         (
+            &[("ORIGIN_URL", "http://o"), ("WORKER_THREADS", "many")],
+            "WORKER_THREADS",
+        ),
+        (
+            &[("ORIGIN_URL", "http://o"), ("WORKER_THREADS", "5000")],
+            "WORKER_THREADS",
+        ),
+        (
             &[
                 ("ORIGIN_URL", "http://o"),
                 ("NORMALIZE_ACCEPT_ENCODING", "sometimes"),
@@ -222,10 +257,16 @@ fn from_vars_defaults_and_sizes() {
     assert_eq!(config.grace, Duration::ZERO);
     assert_eq!(config.stale_if_error, Duration::ZERO);
     assert_eq!(config.fallback_max_age, None);
+    assert_eq!(config.worker_threads, None);
 
-    let config = Config::from_vars([("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "0")])
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::from_vars([
+        ("ORIGIN_URL", "http://o"),
+        ("CACHE_SIZE_MB", "0"),
+        ("WORKER_THREADS", "4"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.cache_size_bytes, 0);
+    assert_eq!(config.worker_threads, Some(4));
 }
 
 #[test]
