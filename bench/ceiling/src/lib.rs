@@ -31,19 +31,38 @@ pub fn listen_addr() -> SocketAddr {
         .unwrap_or_else(|_| panic!("bad listen address {arg}"))
 }
 
+/// Which tokio scheduler a helper server runs.
+#[derive(Clone, Copy)]
+pub enum Scheduler {
+    /// As Strata chooses with `WORKER_THREADS` unset: the current-thread scheduler when the process
+    /// may use one CPU (pinned with `taskset`), else one worker per CPU. The ceilings use this, so
+    /// that they stay the best this stack does on the core Strata gets.
+    LikeStrata,
+    /// The multi-threaded scheduler whatever the CPUs: the benchmark origin keeps the shape it had
+    /// in earlier runs, so that "origin direct" means the same from run to run.
+    MultiThread,
+}
+
+impl Scheduler {
+    fn runtime(self) -> tokio::runtime::Runtime {
+        let one_cpu = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
+        let mut builder = match self {
+            Scheduler::LikeStrata if one_cpu => tokio::runtime::Builder::new_current_thread(),
+            _ => tokio::runtime::Builder::new_multi_thread(),
+        };
+        builder.enable_all().build().expect("runtime")
+    }
+}
+
 /// Accept loop with the same hyper-util auto builder (HTTP/1.1 + h2c) and timers Strata uses.
-pub fn serve<F, Fut, B>(addr: SocketAddr, handler: F)
+pub fn serve<F, Fut, B>(addr: SocketAddr, scheduler: Scheduler, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
+    scheduler.runtime().block_on(async move {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder

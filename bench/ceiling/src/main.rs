@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use strata_bench_servers::{body, listen_addr, response, serve};
+use strata_bench_servers::{body, listen_addr, response, serve, Scheduler};
 
 fn main() {
     let small = body(1024);
     let large = body(100 * 1024);
     let bodies = Arc::new((small, large));
-    serve(listen_addr(), move |request| {
+    serve(listen_addr(), Scheduler::LikeStrata, move |request| {
         let bodies = bodies.clone();
         async move {
             match request.uri().path() {

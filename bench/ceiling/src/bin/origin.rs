@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use strata_bench_servers::{body, listen_addr, response, serve};
+use strata_bench_servers::{body, listen_addr, response, serve, Scheduler};
 
 #[derive(Default)]
 struct Counts {
@@ -25,7 +25,7 @@ fn main() {
     let small = body(1024);
     let large = body(100 * 1024);
     let counts = Arc::new(Counts::default());
-    serve(listen_addr(), move |request| {
+    serve(listen_addr(), Scheduler::MultiThread, move |request| {
         let counts = counts.clone();
         let (small, large) = (small.clone(), large.clone());
         async move {

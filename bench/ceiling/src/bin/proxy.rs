@@ -9,7 +9,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use strata_bench_servers::{listen_addr, serve};
+use strata_bench_servers::{listen_addr, serve, Scheduler};
 
 fn main() {
     let origin = std::env::args()
@@ -19,22 +19,26 @@ fn main() {
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> =
         Client::builder(TokioExecutor::new()).build(connector);
-    serve(listen_addr(), move |request: Request<Incoming>| {
-        let client = client.clone();
-        let origin = origin.clone();
-        async move {
-            let (mut parts, body) = request.into_parts();
-            let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            parts.uri = match Uri::try_from(format!("http://{origin}{path}")) {
-                Ok(uri) => uri,
-                Err(_) => return bad_gateway(),
-            };
-            match client.request(Request::from_parts(parts, body)).await {
-                Ok(response) => response.map(Either::Left),
-                Err(_) => bad_gateway(),
+    serve(
+        listen_addr(),
+        Scheduler::LikeStrata,
+        move |request: Request<Incoming>| {
+            let client = client.clone();
+            let origin = origin.clone();
+            async move {
+                let (mut parts, body) = request.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                parts.uri = match Uri::try_from(format!("http://{origin}{path}")) {
+                    Ok(uri) => uri,
+                    Err(_) => return bad_gateway(),
+                };
+                match client.request(Request::from_parts(parts, body)).await {
+                    Ok(response) => response.map(Either::Left),
+                    Err(_) => bad_gateway(),
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 type Either = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
