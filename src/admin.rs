@@ -154,6 +154,7 @@ fn stats(proxy: &Proxy) -> Response<ProxyBody> {
             "origin_waiting": s.origin_waiting,
             "origin_busy": s.origin_busy,
             "coalesced": s.coalesced,
+            "coalesce_waiting": s.coalesce_waiting,
             "refreshes": s.refreshes,
             "purges": s.purges,
             "invalidations_sent": s.invalidations_sent,

@@ -100,6 +100,15 @@ impl Coalescer {
         })
     }
 
+    /// Requests waiting for another request's fill now. Counted when asked (by `/stats`), from the
+    /// flights under way: each follower holds one receiver of its flight's channel.
+    pub fn waiting(&self) -> u64 {
+        self.lock()
+            .values()
+            .map(|flight| flight.state.receiver_count() as u64)
+            .sum()
+    }
+
     /// Whether a fill for `key` is under way.
     pub fn in_flight(&self, key: &str) -> bool {
         self.lock().contains_key(key)

@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 26] = [
+    let families: [(&str, &str, &str, u64); 29] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -186,6 +186,24 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "counter",
             "Requests answered from another request's fill.",
             s.coalesced,
+        ),
+        (
+            "strata_coalesce_waiting",
+            "gauge",
+            "Requests waiting for another request's fill of the same key.",
+            s.coalesce_waiting,
+        ),
+        (
+            "strata_refreshes_total",
+            "counter",
+            "Background refreshes of stale entries started (stale-while-revalidate).",
+            s.refreshes,
+        ),
+        (
+            "strata_l2_writes_total",
+            "counter",
+            "Entries written to Redis.",
+            s.l2_writes,
         ),
         (
             "strata_origin_requests_total",
@@ -324,6 +342,8 @@ pub struct StatsSnapshot {
     /// Requests answered 503 for want of an ORIGIN_MAX_CONNS slot, since start.
     pub origin_busy: u64,
     pub coalesced: u64,
+    /// Requests waiting for another request's fill of the same key now.
+    pub coalesce_waiting: u64,
     pub refreshes: u64,
     pub l1_bytes: u64,
     pub l1_entries: u64,

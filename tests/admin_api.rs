@@ -369,6 +369,7 @@ async fn stats_reports_every_counter() {
         "l1_entries",
         "origin_requests",
         "coalesced",
+        "coalesce_waiting",
         "purges",
         "l2_failovers_followed",
         "purges_unpublished",
@@ -463,7 +464,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     );
     let text = resp.text();
 
-    let families: [(&str, &str); 24] = [
+    let families: [(&str, &str); 27] = [
         ("strata_requests_total", "counter"),
         ("strata_hit_duration_seconds", "histogram"),
         ("strata_l2_duration_seconds", "histogram"),
@@ -477,6 +478,9 @@ async fn metrics_are_prometheus_text_with_every_family() {
         ("strata_l2_dropped_writes_total", "counter"),
         ("strata_l2_writes_overtaken_total", "counter"),
         ("strata_coalesced_total", "counter"),
+        ("strata_coalesce_waiting", "gauge"),
+        ("strata_refreshes_total", "counter"),
+        ("strata_l2_writes_total", "counter"),
         ("strata_origin_requests_total", "counter"),
         ("strata_invalidations_sent_total", "counter"),
         ("strata_invalidations_received_total", "counter"),

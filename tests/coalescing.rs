@@ -4,7 +4,10 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use support::*;
 
@@ -166,4 +169,59 @@ async fn followers_go_to_the_origin_after_cache_lock_timeout() {
     assert_eq!(resp.status, 200);
     assert_eq!(resp.text(), "answer-1");
     assert!(took >= Duration::from_secs(3));
+}
+
+/// A follower is handed the leader's copy only if the copy satisfies the follower's own request:
+/// one that asks for `max-age=10` does not take a copy already 30 s old (the origin's `Age`), it
+/// asks the origin itself (RFC 9111 §5.2.1.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_does_not_take_a_copy_older_than_its_max_age() {
+    let gate = Arc::new(Notify::new());
+    let origin = {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            let reply = if r.hit == 1 {
+                Reply::gated("v1", gate.clone(), " body")
+            } else {
+                Reply::ok(format!("v{} body", r.hit))
+            };
+            reply.cc("max-age=100").header("age", "30")
+        })
+        .await
+    };
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let plain = {
+        let url = proxy.url("/aged");
+        tokio::spawn(async move { get(&url, &[]).await })
+    };
+    origin.wait_hits("/aged", 1).await;
+    let strict = {
+        let url = proxy.url("/aged");
+        tokio::spawn(async move { get(&url, &[("cache-control", "max-age=10")]).await })
+    };
+    wait_until("the max-age=10 request waits for the fill", || {
+        proxy.stats().coalesce_waiting == 1
+    })
+    .await;
+    gate.notify_one();
+
+    let plain = within("the leader's answer", secs(10), plain)
+        .await
+        .unwrap();
+    assert_eq!(
+        (plain.x_cache(), &plain.body[..]),
+        ("MISS", &b"v1 body"[..])
+    );
+    let strict = within("the follower's answer", secs(10), strict)
+        .await
+        .unwrap();
+    assert_eq!(
+        &strict.body[..],
+        b"v2 body",
+        "the follower took the 30 s old copy: {:?}",
+        strict.headers
+    );
+    assert_eq!(origin.hits("/aged"), 2);
+    assert_eq!(proxy.stats().coalesce_waiting, 0);
 }

@@ -757,3 +757,34 @@ async fn digest_scripts_touch_only_the_value_they_read() {
     assert_eq!(set_if(&sha1("stale"), "again"), "0", "nothing to rewrite");
     assert_eq!(redis.cli(&["exists", "k"]), "0");
 }
+
+/// A request's own `max-age` and `min-fresh` bound how old an L2 copy it takes (RFC 9111
+/// §5.2.1.1, §5.2.1.3): B reads copies A stored 30 s before (Age 30, 70 s of freshness left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_max_age_and_min_fresh_bound_the_l2_copy_served() {
+    let redis = RedisServer::start();
+    let origin = MockOrigin::start(|r| Reply::ok(format!("v{}", r.hit)).cc("max-age=100")).await;
+    let a = instance(&origin, &redis, &[]).await;
+    for path in ["/aged/ok", "/aged/max-age", "/aged/min-fresh"] {
+        expect(&sget(&a, path).await, "MISS", "v1");
+    }
+    flush_l2(&a).await;
+    let b = instance(&origin, &redis, &[]).await;
+    b.advance(secs(30));
+
+    let r = sget_with(
+        &b,
+        "/aged/ok",
+        &[("cache-control", "max-age=60, min-fresh=60")],
+    )
+    .await;
+    expect(&r, "HIT-L2", "v1");
+    assert!((30..40).contains(&r.age()), "Age {}", r.age());
+    let r = sget_with(&b, "/aged/max-age", &[("cache-control", "max-age=10")]).await;
+    expect(&r, "MISS", "v2");
+    let r = sget_with(&b, "/aged/min-fresh", &[("cache-control", "min-fresh=80")]).await;
+    expect(&r, "MISS", "v2");
+    assert_eq!(origin.hits("/aged/ok"), 1);
+    assert_eq!(origin.hits("/aged/max-age"), 2);
+    assert_eq!(origin.hits("/aged/min-fresh"), 2);
+}

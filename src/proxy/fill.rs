@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::body::{BoxError, ChannelItem, IdleTimeout, ProxyBody};
 use super::origin::OriginBody;
 use super::respond::{self, Detail, Fwd};
-use super::{headers, is_origin_failure, Proxy, Target};
+use super::{headers, is_origin_failure, request_directives, satisfies, Proxy, Target};
 use crate::cache::entry::{detach_body, Admission};
 use crate::cache::l2::{Lock, LockToken, L2};
 use crate::cache::policy::{
@@ -97,7 +97,9 @@ impl Proxy {
                 .fetch_as_leader(parts, target, stored, permit, fwd, FleetLock::none())
                 .await;
         };
-        // A request's own no-cache wants the origin's word, not another instance's copy.
+        // A request's own no-cache wants the origin's word, not another instance's copy; its
+        // max-age and min-fresh bound how old a copy it accepts (RFC 9111 §5.2.1.1, §5.2.1.3).
+        let directives = request_directives(&parts.headers);
         if fwd != Fwd::Request {
             let since = permit.purge_generation();
             let purged = |entry: &Entry| inner.purge_log.overtaken(since, &target.key, &entry.tags);
@@ -107,7 +109,7 @@ impl Proxy {
                 .await
             {
                 let now = inner.clock.now();
-                if found.is_fresh(now) {
+                if found.is_fresh(now) && satisfies(&found, &directives, now) {
                     permit.complete(found.clone());
                     return respond::from_entry(&found, &parts.headers, false, now, Detail::HitL2);
                 }
@@ -136,8 +138,16 @@ impl Proxy {
                     .await
                 {
                     let now = inner.clock.now();
-                    permit.complete(entry.clone());
-                    return respond::from_entry(&entry, &parts.headers, false, now, Detail::HitL2);
+                    if satisfies(&entry, &directives, now) {
+                        permit.complete(entry.clone());
+                        return respond::from_entry(
+                            &entry,
+                            &parts.headers,
+                            false,
+                            now,
+                            Detail::HitL2,
+                        );
+                    }
                 }
                 // The other instance stored nothing usable (or took too long): fetch ourselves.
                 FleetLock::none()

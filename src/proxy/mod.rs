@@ -291,6 +291,7 @@ impl Proxy {
         snapshot.origin_in_flight = self.0.origin.in_flight();
         snapshot.origin_waiting = self.0.origin.waiting();
         snapshot.origin_busy = self.0.origin.busy();
+        snapshot.coalesce_waiting = self.0.coalescer.waiting();
         if let Some(l2) = self.0.cache.l2() {
             let get =
                 |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -524,13 +525,7 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         let stored = found.entry;
 
-        // Most requests carry no cache directives and no conditionals: nothing to parse, and
-        // `satisfies` comes down to "fresh".
-        let directives = if needs_full_evaluation(&parts.headers) {
-            RequestDirectives::parse(&parts.headers)
-        } else {
-            RequestDirectives::default()
-        };
+        let directives = request_directives(&parts.headers);
         if let Some(entry) = &stored {
             if !directives.no_cache && satisfies(entry, &directives, now) {
                 return Plan::Answer(
@@ -651,7 +646,12 @@ impl Proxy {
             let waited = follower.wait(inner.config.lock_timeout).await;
             let now = inner.clock.now();
             match waited {
-                Waited::Stored(entry) if entry.matches_variant(&parts.headers) => {
+                // The leader's copy may be older than this request accepts (its `max-age`,
+                // `min-fresh`): such a request asks the origin itself.
+                Waited::Stored(entry)
+                    if entry.matches_variant(&parts.headers)
+                        && satisfies(&entry, &request_directives(&parts.headers), now) =>
+                {
                     Stats::incr(&inner.stats.coalesced);
                     return respond::from_entry(
                         &entry,
@@ -661,7 +661,8 @@ impl Proxy {
                         Detail::Coalesced,
                     );
                 }
-                Waited::Stored(_) => continue,
+                Waited::Stored(entry) if !entry.matches_variant(&parts.headers) => continue,
+                Waited::Stored(_) => break,
                 Waited::Failed => {
                     // The origin just failed the leader: a copy we may serve on error beats asking again.
                     if let Some(entry) = stored.as_ref().filter(|e| e.may_serve_on_error(now)) {
@@ -1023,8 +1024,18 @@ fn instance_name() -> String {
     format!("{:x}-{:x}", std::process::id(), nanos)
 }
 
+/// The request's cache directives. Most requests carry no cache directives and no conditionals:
+/// nothing to parse, and `satisfies` comes down to "fresh".
+pub(super) fn request_directives(headers: &http::HeaderMap) -> RequestDirectives {
+    if needs_full_evaluation(headers) {
+        RequestDirectives::parse(headers)
+    } else {
+        RequestDirectives::default()
+    }
+}
+
 /// Whether a stored entry satisfies the request's own directives (RFC 9111 §5.2.1).
-fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> bool {
+pub(super) fn satisfies(entry: &Entry, directives: &RequestDirectives, now: SystemTime) -> bool {
     if directives
         .max_age
         .is_some_and(|max_age| entry.age(now) > max_age)
