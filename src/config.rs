@@ -22,6 +22,7 @@ pub const CACHE_LOCK_TIMEOUT: &str = "CACHE_LOCK_TIMEOUT";
 pub const ORIGIN_TIMEOUT: &str = "ORIGIN_TIMEOUT";
 pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const TUNNEL_IDLE_TIMEOUT: &str = "TUNNEL_IDLE_TIMEOUT";
+pub const CLIENT_HEADER_TIMEOUT: &str = "CLIENT_HEADER_TIMEOUT";
 pub const ORIGIN_IDLE_TIMEOUT: &str = "ORIGIN_IDLE_TIMEOUT";
 pub const ORIGIN_MAX_IDLE: &str = "ORIGIN_MAX_IDLE";
 /// The largest ORIGIN_MAX_IDLE: more idle sockets than this would crowd the file descriptor limit.
@@ -98,6 +99,10 @@ pub struct RawArgs {
     /// A WebSocket (upgraded) connection with no bytes either way for this long is closed.
     #[arg(long, env = TUNNEL_IDLE_TIMEOUT, value_name = TUNNEL_IDLE_TIMEOUT, default_value = "300s")]
     pub tunnel_idle_timeout: String,
+    /// A client connection has this long to send its first request's header after connecting,
+    /// and (HTTP/1.1) each later one's after the previous response; else it is closed.
+    #[arg(long, env = CLIENT_HEADER_TIMEOUT, value_name = CLIENT_HEADER_TIMEOUT, default_value = "30s")]
+    pub client_header_timeout: String,
     /// Threads that serve requests; 0: one per CPU this process may use (affinity, cgroup quota).
     /// With one, the runtime runs everything on a single thread, without cross-thread handoffs.
     #[arg(long, env = WORKER_THREADS, value_name = WORKER_THREADS, default_value = "0")]
@@ -168,6 +173,7 @@ pub struct Config {
     pub origin_max_conns: Option<usize>,
     pub shutdown_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    pub client_header_timeout: Duration,
     /// `None`: one per CPU available to the process.
     pub worker_threads: Option<usize>,
     pub log_format: LogFormat,
@@ -271,6 +277,7 @@ const FLAGS: &[(&str, &str)] = &[
     (ORIGIN_MAX_CONNS, "--origin-max-conns"),
     (SHUTDOWN_TIMEOUT, "--shutdown-timeout"),
     (TUNNEL_IDLE_TIMEOUT, "--tunnel-idle-timeout"),
+    (CLIENT_HEADER_TIMEOUT, "--client-header-timeout"),
     (WORKER_THREADS, "--worker-threads"),
     (LOG_FORMAT, "--log-format"),
     (RUST_LOG, "--rust-log"),
@@ -408,6 +415,10 @@ impl Config {
             tunnel_idle_timeout: parse_positive_duration(
                 TUNNEL_IDLE_TIMEOUT,
                 &raw.tunnel_idle_timeout,
+            )?,
+            client_header_timeout: parse_positive_duration(
+                CLIENT_HEADER_TIMEOUT,
+                &raw.client_header_timeout,
             )?,
             worker_threads: match raw.worker_threads.trim().parse::<usize>() {
                 Ok(0) => None,

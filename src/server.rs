@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -13,9 +14,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::admin;
 use crate::proxy::Proxy;
+
+/// How often an HTTP/2 client connection is PINGed, and how long the answer may take before the
+/// connection is closed as dead.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long start-up waits for Redis before serving degraded (L1 + origin).
 const L2_STARTUP_PATIENCE: Duration = Duration::from_secs(2);
@@ -27,13 +34,21 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let header_timeout = proxy.config().client_header_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Slowloris guard: a client has this long to send its request headers.
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+        // Slowloris guard: a client has this long to send each request's header; it also closes
+        // an idle keep-alive connection (the timer runs from the previous response).
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // A peer that vanished (a dropped NAT entry, a powered-off device) answers no PING: its
+        // connection is closed instead of holding a socket for the process's life.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     // Connections wait in the listen backlog meanwhile; a Redis that is down costs start-up this long.
@@ -49,26 +64,38 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
                 let proxy = proxy.clone();
-                let service = service_fn(move |request: Request<Incoming>| proxy.answer(request, peer));
+                let first_request = Arc::new(Notify::new());
+                let requested = first_request.clone();
+                let service = service_fn(move |request: Request<Incoming>| {
+                    requested.notify_one();
+                    proxy.answer(request, peer)
+                });
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    match until_first_request(connection, &first_request, header_timeout).await {
+                        Some(Err(error)) => {
+                            tracing::debug!(%peer, error = %error, "connection ended with an error");
+                        }
+                        Some(Ok(())) => {}
+                        None => tracing::debug!(%peer, "closed: no request within CLIENT_HEADER_TIMEOUT"),
                     }
                 });
             }
             accepted = admin_listener.accept() => {
                 let Some((stream, _peer)) = accepted_or_pause(accepted).await else { continue };
                 let proxy = proxy.clone();
+                let first_request = Arc::new(Notify::new());
+                let requested = first_request.clone();
                 let service = service_fn(move |request: Request<Incoming>| {
+                    requested.notify_one();
                     let proxy = proxy.clone();
                     async move { Ok::<_, Infallible>(admin::handle(proxy, request).await) }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
-                    let _ = connection.await;
+                    let _ = until_first_request(connection, &first_request, header_timeout).await;
                 });
             }
             () = &mut shutdown => break,
@@ -88,6 +115,32 @@ pub async fn serve(
     // Queued L2 writes are worth a moment: the next instance starts warm from them.
     let _ = tokio::time::timeout(L2_STARTUP_PATIENCE, proxy.flush_l2()).await;
     Ok(())
+}
+
+/// Drives `connection`, dropping it (which closes the socket) if no request has arrived within
+/// `limit` of accepting it; `None` then.
+///
+/// hyper's header timeout starts only once the protocol is known: a connection that sends nothing,
+/// stops inside the HTTP/2 preface, or opens HTTP/2 and never sends a request would otherwise hold
+/// a socket forever, and a few thousand of them exhaust the file descriptors.
+async fn until_first_request<C: Future>(
+    connection: C,
+    first_request: &Notify,
+    limit: Duration,
+) -> Option<C::Output> {
+    let deadline = async {
+        if tokio::time::timeout(limit, first_request.notified())
+            .await
+            .is_ok()
+        {
+            // A request came: from here on hyper's own timers govern the connection.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        output = connection => Some(output),
+        () = deadline => None,
+    }
 }
 
 /// An accept error (out of file descriptors, a connection reset before accept) must not end the

@@ -182,7 +182,7 @@ fn durations_parse_in_operator_units() {
 
 #[test]
 fn from_vars_errors_name_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 14] = [
+    let cases: [(&[(&str, &str)], &str); 15] = [
         (
             &[("ORIGIN_URL", "http://o"), ("CACHE_SIZE_MB", "abc")],
             "CACHE_SIZE_MB",
@@ -222,6 +222,10 @@ fn from_vars_errors_name_the_variable() {
             "ORIGIN_MAX_CONNS",
         ),
         (
+            &[("ORIGIN_URL", "http://o"), ("CLIENT_HEADER_TIMEOUT", "0s")],
+            "CLIENT_HEADER_TIMEOUT",
+        ),
+        (
             &[("ORIGIN_URL", "http://o"), ("WORKER_THREADS", "many")],
             "WORKER_THREADS",
         ),
@@ -258,6 +262,7 @@ fn from_vars_defaults_and_sizes() {
     assert_eq!(config.stale_if_error, Duration::ZERO);
     assert_eq!(config.fallback_max_age, None);
     assert_eq!(config.worker_threads, None);
+    assert_eq!(config.client_header_timeout, Duration::from_secs(30));
 
     let config = Config::from_vars([
         ("ORIGIN_URL", "http://o"),

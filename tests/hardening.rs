@@ -1,7 +1,7 @@
 //! Hardening: the request's host as the origin sees it, GET bodies, hostile freshness values,
 //! directives that forbid serving stale, invalidation only for the response's own reasons,
 //! coalescing under origin failure and leader cancellation, `Cache-Status` chaining, non-WebSocket
-//! upgrades and a leader client that stops reading.
+//! upgrades, a leader client that stops reading, and connections that never send a request.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -756,4 +756,47 @@ async fn a_leader_client_that_stops_reading_does_not_hold_up_the_fill() {
     assert!(r.body == expected);
     assert_eq!(origin.hits("/big"), 1);
     drop(stalled);
+}
+
+/// Reads until the server closes `stream`; how long that took from `since`.
+async fn closed_by_the_server(stream: &mut TcpStream, since: Instant) -> Duration {
+    within("the server closing the connection", secs(10), async {
+        let mut chunk = [0u8; 4096];
+        while stream.read(&mut chunk).await.unwrap_or(0) > 0 {}
+        since.elapsed()
+    })
+    .await
+}
+
+/// CLIENT_HEADER_TIMEOUT runs from the moment a connection is accepted: one that sends nothing,
+/// stops inside the HTTP/2 preface, or opens HTTP/2 and sends no request is closed (hyper's own
+/// header timer starts only once the protocol is known), while a connection that sent a request in
+/// time is served.
+#[tokio::test]
+async fn connections_without_a_request_are_closed_after_the_header_timeout() {
+    let origin = MockOrigin::fixed("served", "max-age=60").await;
+    let proxy = TestProxy::start(&origin.url(), &[("CLIENT_HEADER_TIMEOUT", "1s")]).await;
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const H2_EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let openings: [(&str, Vec<u8>); 3] = [
+        ("nothing", Vec::new()),
+        ("half the HTTP/2 preface", H2_PREFACE[..10].to_vec()),
+        (
+            "an HTTP/2 connection without a request",
+            [H2_PREFACE, H2_EMPTY_SETTINGS].concat(),
+        ),
+    ];
+    for (what, opening) in openings {
+        let since = Instant::now();
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(&opening).await.unwrap();
+        let took = closed_by_the_server(&mut stream, since).await;
+        assert!(
+            took >= Duration::from_millis(900),
+            "{what}: closed after {took:?}, before the timeout"
+        );
+    }
+
+    let r = raw_request(proxy.addr, b"GET /in-time HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "served"));
 }
