@@ -46,7 +46,7 @@ pub async fn handle(proxy: Proxy, request: Request<Incoming>) -> Response<ProxyB
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
-    let query_key = request.uri().query().and_then(|q| query_param(q, "key"));
+    let query_key = request.uri().query().and_then(key_param);
     match (request.method().clone(), path) {
         (Method::GET, "/ready") => ready(&proxy).await,
         (Method::GET, "/stats") => stats(&proxy),
@@ -105,10 +105,19 @@ pub fn authorized(proxy: &Proxy, headers: &HeaderMap) -> bool {
 
 /// Whether `Authorization: Bearer <token>` is present and right.
 pub fn bearer_matches(token: &AdminToken, headers: &HeaderMap) -> bool {
-    headers
+    // The scheme is case-insensitive (RFC 9110 §11.1), followed by one or more spaces.
+    let Some(value) = headers
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|presented| token.matches(presented))
+        .map(HeaderValue::as_bytes)
+    else {
+        return false;
+    };
+    match value.split_at_checked(7) {
+        Some((scheme, presented)) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+            token.matches(presented.trim_ascii_start())
+        }
+        _ => false,
+    }
 }
 
 async fn ready(proxy: &Proxy) -> Response<ProxyBody> {
@@ -211,6 +220,16 @@ async fn warm(proxy: &Proxy, body: &[u8]) -> Response<ProxyBody> {
         Ok(value) => value,
         Err(error) => return bad_request(&format!("malformed JSON: {error}")),
     };
+    if let Some(unknown) = request.as_object().and_then(|fields| {
+        fields
+            .keys()
+            .find(|name| !["urls", "host"].contains(&name.as_str()))
+    }) {
+        // A misspelt field ("hosts", "url") would otherwise warm the wrong host or nothing.
+        return bad_request(&format!(
+            "unknown field {unknown:?}: /warm takes \"urls\" and optionally \"host\""
+        ));
+    }
     let Some(urls) = request.get("urls").and_then(serde_json::Value::as_array) else {
         return bad_request("give {\"urls\": [\"/path?query\", ...]} (and optionally \"host\")");
     };
@@ -247,16 +266,19 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<ProxyBo
     }
 }
 
-/// One percent-decoded query parameter.
-fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name)
-            .then(|| percent_decode(value))
-            .filter(|v| !v.is_empty())
-    })
+/// The `key` parameter of `/cache`: everything after `key=` to the end of the query,
+/// percent-decoded. A cache key often ends in a query of its own (`host/p?a=1&b=2`): pasted
+/// unencoded, its `&` and `=` still belong to the key (they used to cut it at the first `&`).
+fn key_param(query: &str) -> Option<String> {
+    let value = match query.strip_prefix("key=") {
+        Some(value) => value,
+        None => query.split_once("&key=")?.1,
+    };
+    Some(percent_decode(value)).filter(|key| !key.is_empty())
 }
 
+/// `%XX` escapes decoded; `+` stays `+` (it is a literal character in a URL's path and query, as
+/// the cache key holds them, not a form-encoded space).
 fn percent_decode(text: &str) -> String {
     let hex = |b: u8| char::from(b).to_digit(16);
     let bytes = text.as_bytes();
@@ -274,7 +296,6 @@ fn percent_decode(text: &str) -> String {
                 i += 3;
                 continue;
             }
-            (None, b'+') => out.push(b' '),
             (None, other) => out.push(other),
         }
         i += 1;
@@ -318,11 +339,36 @@ mod tests {
     #[test]
     fn query_keys_are_decoded() {
         assert_eq!(
-            query_param("x=1&key=shared.test%2Fa%3Fb%3D1", "key").as_deref(),
+            key_param("x=1&key=shared.test%2Fa%3Fb%3D1").as_deref(),
             Some("shared.test/a?b=1")
         );
-        assert_eq!(query_param("key=", "key"), None);
+        assert_eq!(
+            key_param("key=shared.test/a?b=1&c=2").as_deref(),
+            Some("shared.test/a?b=1&c=2")
+        );
+        assert_eq!(
+            key_param("key=shared.test/search?q=a+b").as_deref(),
+            Some("shared.test/search?q=a+b")
+        );
+        assert_eq!(key_param("key="), None);
+        assert_eq!(key_param("monkey=x"), None);
         assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("a%zz+b"), "a%zz b");
+        assert_eq!(percent_decode("a%zz+b"), "a%zz+b");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let token = AdminToken::for_tests("s3cret");
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            bearer_matches(&token, &headers)
+        };
+        assert!(with("Bearer s3cret"));
+        assert!(with("bearer s3cret"));
+        assert!(with("BEARER  s3cret"));
+        assert!(!with("Bearer s3cre"));
+        assert!(!with("Basic s3cret"));
+        assert!(!with("Bearers3cret"));
     }
 }

@@ -565,12 +565,17 @@ async fn cache_metadata_for_a_stored_key() {
     let resp = admin(&proxy, "GET", "/cache?key=shared.test%2Fmeta%3Fx%3D1", "").await;
     assert_eq!(resp.status, 200, "{:?}", resp.text());
     assert_eq!(json_of(&resp)["key"], "shared.test/meta?x=1");
+    // Pasted unencoded, the key's own query keeps its `&` and `=`.
+    expect(&sget(&proxy, "/meta?x=1&y=2").await, "MISS", "/meta body");
+    let resp = admin(&proxy, "GET", "/cache?key=shared.test/meta?x=1&y=2", "").await;
+    assert_eq!(resp.status, 200, "{:?}", resp.text());
+    assert_eq!(json_of(&resp)["key"], "shared.test/meta?x=1&y=2");
 
     // Unknown keys.
     let resp = admin(&proxy, "GET", "/cache?key=shared.test/unknown", "").await;
     assert_eq!(resp.status, 404, "{:?}", resp.text());
     assert!(json_of(&resp)["error"].is_string());
-    assert_eq!(origin.total(), 2, "/cache must not involve the origin");
+    assert_eq!(origin.total(), 3, "/cache must not involve the origin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,6 +657,22 @@ async fn warm_fetches_through_the_cache() {
     let r = get(&proxy.url("/w/c"), &[("host", &origin_host)]).await;
     expect(&r, "HIT-L1", "/w/c v1");
     assert_eq!(origin.hits("/w/c"), 1);
+
+    // A misspelt field is refused, not ignored (it would warm the wrong host).
+    let resp = admin(
+        &proxy,
+        "POST",
+        "/warm",
+        &json!({"urls": ["/w/d"], "hosts": HOST}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status, 400, "{:?}", resp.text());
+    let v = json_of(&resp);
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("hosts")),
+        "{v}"
+    );
+    assert_eq!(origin.hits("/w/d"), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
