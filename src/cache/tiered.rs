@@ -96,6 +96,9 @@ impl Cache {
     ///
     /// `purged` says whether a purge made while Redis answered concerns an entry (key, tags): one
     /// read before the purge deleted it and arriving after must neither enter L1 nor be served.
+    /// It is asked again after the copy entered L1, as `settle` does for fills: a purge (from
+    /// another thread) logged between the first check and the insert found nothing in L1 to
+    /// remove, and the copy must not outlive it there.
     pub async fn lookup_l2(
         &self,
         key: &str,
@@ -109,6 +112,10 @@ impl Cache {
                     return None;
                 }
                 self.l1.insert(key.to_string(), Slot::Entry(entry.clone()));
+                if purged(&entry) {
+                    self.l1.remove(key);
+                    return None;
+                }
                 Some(entry)
             }
             Slot::Entry(_) | Slot::Pass(_) => None,
@@ -124,7 +131,11 @@ impl Cache {
                 if !same_record {
                     self.l1.insert(key.to_string(), Slot::Vary(record));
                 }
-                self.l1.insert(variant, Slot::Entry(entry.clone()));
+                self.l1.insert(variant.clone(), Slot::Entry(entry.clone()));
+                if purged(&entry) {
+                    self.l1.remove(&variant);
+                    return None;
+                }
                 Some(entry)
             }
         }
