@@ -252,6 +252,46 @@ async fn vary_variants_are_stored_side_by_side() {
     assert_not_stored(&proxy, &origin, "/vary-star", &[]).await;
 }
 
+/// Under `Vary: Cookie`, a signed-in user's `private` answer is not stored, and it does not hide
+/// the stored anonymous variant either (the URL used to be marked "pass" for 10 s, replacing the
+/// record through which its variants are found).
+#[tokio::test]
+async fn an_uncacheable_variant_leaves_the_stored_ones_reachable() {
+    let origin = MockOrigin::start(|r| {
+        let reply = if r.header("cookie").is_some() {
+            Reply::ok("yours").cc("private, max-age=60")
+        } else {
+            Reply::ok("everyone's").cc("public, max-age=60")
+        };
+        reply.header("vary", "Cookie")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/home");
+    let signed_in = [("cookie", "session=42")];
+
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+    for round in 0..2 {
+        let r = get(&url, &signed_in).await;
+        assert_eq!(
+            (r.x_cache(), r.text().as_str()),
+            ("MISS", "yours"),
+            "round {round}"
+        );
+        let r = get(&url, &[]).await;
+        assert_eq!(
+            (r.x_cache(), r.text().as_str()),
+            ("HIT-L1", "everyone's"),
+            "round {round}"
+        );
+    }
+    assert_eq!(
+        origin.hits("/home"),
+        3,
+        "one anonymous fill, two signed-in requests"
+    );
+}
+
 /// An origin whose answers carry `Vary: vary` and name the `Accept-Encoding` lines it received.
 async fn encoding_echo_origin(vary: &'static str) -> MockOrigin {
     MockOrigin::start(move |r| {

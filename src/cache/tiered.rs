@@ -87,8 +87,14 @@ impl Cache {
         found
     }
 
-    /// Remembers for `for_how_long` that this URL's answers cannot be stored.
+    /// Remembers until `until` that this URL's answers cannot be stored, unless its answers vary
+    /// and some are stored: the pass would replace the record through which they are found, so
+    /// one variant's uncacheable answer (a signed-in user's `private` page under `Vary: Cookie`)
+    /// would hide every stored one.
     pub fn mark_pass(&self, key: &str, until: SystemTime) {
+        if matches!(self.l1.get(key), Some(Slot::Vary(_))) {
+            return;
+        }
         self.l1.insert(key.to_string(), Slot::Pass(until));
     }
 
