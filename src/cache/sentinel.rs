@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::config::{Config, Server, ServerConfig};
+use fred::types::CustomCommand;
 use futures_util::future::join_all;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -53,17 +54,39 @@ struct Switches {
     current: Mutex<Option<(Address, u64)>>,
 }
 
+/// What to make of an announced switch.
+#[derive(Debug, PartialEq, Eq)]
+enum Announced {
+    /// A switch to follow, under this generation.
+    Follow(u64),
+    /// The switch already followed, announced by another sentinel.
+    Repeat,
+    /// Its `from` is not the master followed last: either a late announcement of an older switch,
+    /// or the newest one after an announcement was missed (a sentinel connection down during a
+    /// failover). Only the sentinels can tell which: ask one where the master is now.
+    Unsure,
+}
+
 impl Switches {
-    /// Records an announced switch `from` → `to`; returns the generation to follow it under, or
-    /// `None` if there is nothing to do: a repeat of the switch already followed, or a late
-    /// announcement of an older one (its `from` is not the master followed last). Should an
-    /// announcement have been missed (a sentinel connection down during a failover), the next one
-    /// is ignored too, and fred's own reconnection follows that failover, as it would without this.
-    fn record(&self, from: &Address, to: &Address) -> Option<u64> {
+    /// Records an announced switch `from` → `to` (see [`Announced`]).
+    fn record(&self, from: &Address, to: &Address) -> Announced {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = match &*current {
+            Some((master, _)) if master == to => return Announced::Repeat,
+            Some((master, _)) if master != from => return Announced::Unsure,
+            Some((_, generation)) => generation + 1,
+            None => 1,
+        };
+        *current = Some((to.clone(), generation));
+        Announced::Follow(generation)
+    }
+
+    /// After an [`Announced::Unsure`] switch to `to`, which a sentinel confirmed is the master now:
+    /// the generation to follow it under, or `None` if it is being followed already.
+    fn confirmed(&self, to: &Address) -> Option<u64> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let generation = match &*current {
             Some((master, _)) if master == to => return None,
-            Some((master, _)) if master != from => return None,
             Some((_, generation)) => generation + 1,
             None => 1,
         };
@@ -171,7 +194,17 @@ async fn announcements(
                     Ok(message) => {
                         let Some(text) = message.value.as_str() else { continue };
                         let Some((from, to)) = switch(&text, &service) else { continue };
-                        let Some(generation) = last.record(&from, &to) else { continue };
+                        let generation = match last.record(&from, &to) {
+                            Announced::Follow(generation) => generation,
+                            Announced::Repeat => continue,
+                            Announced::Unsure => {
+                                if named_master(&client, &service).await.as_ref() != Some(&to) {
+                                    continue;
+                                }
+                                let Some(generation) = last.confirmed(&to) else { continue };
+                                generation
+                            }
+                        };
                         if let Some(l2) = l2.upgrade() {
                             l2.stats.failovers_followed.fetch_add(1, Ordering::Relaxed);
                         }
@@ -196,6 +229,30 @@ async fn announcements(
             }
         }
     }
+}
+
+/// The master `sentinel` names for `service` now (`SENTINEL get-master-addr-by-name`), asked on
+/// a connection of its own (the listener's is subscribed); `None` if it cannot tell in time.
+async fn named_master(sentinel: &Client, service: &str) -> Option<Address> {
+    let asking = Client::new(sentinel.client_config(), None, None, None);
+    let ask = async {
+        let _connection = asking.init().await.ok()?;
+        let reply: Vec<String> = asking
+            .custom(
+                CustomCommand::new_static("SENTINEL", None, false),
+                vec!["get-master-addr-by-name", service],
+            )
+            .await
+            .ok()?;
+        let [host, port] = <[String; 2]>::try_from(reply).ok()?;
+        Some((host, port.parse().ok()?))
+    };
+    let named = tokio::time::timeout(RECONNECT_LIMIT, ask)
+        .await
+        .ok()
+        .flatten();
+    let _ = tokio::time::timeout(RECONNECT_LIMIT, asking.quit()).await;
+    named
 }
 
 /// The old and the new master's addresses in a `+switch-master` message about `service`.
@@ -317,15 +374,37 @@ mod tests {
     fn each_switch_is_followed_once_and_late_announcements_are_ignored() {
         let switches = Switches::default();
         let (a, b, c) = (address("a", 1), address("b", 2), address("c", 3));
-        assert_eq!(switches.record(&a, &b), Some(1));
+        assert_eq!(switches.record(&a, &b), Announced::Follow(1));
         // The other sentinels announce the same switch.
-        assert_eq!(switches.record(&a, &b), None);
+        assert_eq!(switches.record(&a, &b), Announced::Repeat);
         assert!(switches.is_current(1));
         // A second failover supersedes the first one's move.
-        assert_eq!(switches.record(&b, &c), Some(2));
+        assert_eq!(switches.record(&b, &c), Announced::Follow(2));
         assert!(!switches.is_current(1));
-        // A sentinel that heard of the first failover late announces it now: ignored.
-        assert_eq!(switches.record(&a, &b), None);
+        // A sentinel that heard of the first failover late announces it now: the sentinels are
+        // asked, name c, and nothing changes.
+        assert_eq!(switches.record(&a, &b), Announced::Unsure);
         assert!(switches.is_current(2));
+    }
+
+    #[test]
+    fn a_switch_after_a_missed_one_is_followed_once_confirmed() {
+        let switches = Switches::default();
+        let (a, b, c, d) = (
+            address("a", 1),
+            address("b", 2),
+            address("c", 3),
+            address("d", 4),
+        );
+        assert_eq!(switches.record(&a, &b), Announced::Follow(1));
+        // b → c was missed; c → d does not start where the last followed switch ended.
+        assert_eq!(switches.record(&c, &d), Announced::Unsure);
+        // A sentinel names d: followed, once (another sentinel's confirmation finds it done).
+        assert_eq!(switches.confirmed(&d), Some(2));
+        assert_eq!(switches.confirmed(&d), None);
+        assert!(switches.is_current(2));
+        // And the switches after it are followed as usual.
+        assert_eq!(switches.record(&c, &d), Announced::Repeat);
+        assert_eq!(switches.record(&d, &a), Announced::Follow(3));
     }
 }
