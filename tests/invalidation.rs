@@ -745,3 +745,55 @@ async fn an_instance_listens_for_invalidations_before_it_serves() {
     .await;
     expect(&sget(&b, "/inv/early").await, "MISS", "/inv/early v2");
 }
+
+/// A hard tag purge reads the tag's set page by page (SSCAN, 1,000 names a page) and forgets the
+/// names it purged, so the set goes once emptied; a soft one leaves the set, whose entries stay
+/// (stale) and may be purged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_pages_through_a_large_tag() {
+    let redis = RedisServer::start();
+    let origin = MockOrigin::start(|r| {
+        Reply::ok(format!("v{}", r.hit))
+            .cc("max-age=300")
+            .header("surrogate-key", "big")
+    })
+    .await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    for path in ["/big/1", "/big/2"] {
+        expect(&sget(&a, path).await, "MISS", "v1");
+    }
+    flush_l2(&a).await;
+    // 2,500 more names in the set (entries expired since, say): three pages.
+    let set = "strata:t:big";
+    let names: Vec<String> = (0..2500).map(|i| format!("{HOST}/gone/{i}")).collect();
+    let mut sadd = vec!["sadd", set];
+    sadd.extend(names.iter().map(String::as_str));
+    assert_eq!(redis.cli(&sadd), "2500");
+    assert_eq!(redis.cli(&["scard", set]), "2502");
+
+    let soft = purge(&a, json!({"tags": ["big"], "soft": true})).await;
+    assert_eq!(soft["l2_removed"], 2, "{soft}");
+    assert_eq!(
+        redis.cli(&["scard", set]),
+        "2502",
+        "a soft purge keeps the set"
+    );
+
+    let hard = purge(&a, json!({"tags": ["big"]})).await;
+    assert_eq!(hard["l2_removed"], 2, "{hard}");
+    assert_eq!(
+        redis.cli(&["exists", set]),
+        "0",
+        "every page was read and forgotten"
+    );
+    for path in ["/big/1", "/big/2"] {
+        assert_eq!(redis.cli(&["exists", &entry_key(path)]), "0", "{path}");
+        expect(&sget(&a, path).await, "MISS", "v2");
+    }
+    flush_l2(&a).await;
+    assert_eq!(
+        redis.cli(&["scard", set]),
+        "2",
+        "refilled entries are indexed again"
+    );
+}

@@ -231,15 +231,11 @@ pub struct Unfinished;
 
 /// One page of a purge's SCAN. fred asks for the next page when a page is dropped; this asks for it
 /// only on [`ScanPage::next`], and cancels the SCAN when dropped without it.
-struct ScanPage(Option<fred::types::scan::ScanResult>);
+struct ScanPage<S: Scanner>(Option<S>);
 
-impl ScanPage {
-    fn take_keys(&mut self) -> Vec<String> {
-        let keys = self.0.as_mut().and_then(|page| page.take_results());
-        keys.unwrap_or_default()
-            .iter()
-            .filter_map(|key| key.as_str().map(str::to_owned))
-            .collect()
+impl<S: Scanner> ScanPage<S> {
+    fn take_results(&mut self) -> Option<S::Page> {
+        self.0.as_mut().and_then(Scanner::take_results)
     }
 
     fn next(mut self) {
@@ -249,7 +245,27 @@ impl ScanPage {
     }
 }
 
-impl Drop for ScanPage {
+impl ScanPage<fred::types::scan::ScanResult> {
+    fn take_keys(&mut self) -> Vec<String> {
+        self.take_results()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|key| key.as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl ScanPage<fred::types::scan::SScanResult> {
+    fn take_members(&mut self) -> Vec<String> {
+        self.take_results()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(Value::into_string)
+            .collect()
+    }
+}
+
+impl<S: Scanner> Drop for ScanPage<S> {
     fn drop(&mut self) {
         if let Some(page) = self.0.take() {
             page.cancel();
@@ -890,25 +906,51 @@ impl L2 {
                 }
             }
             Selector::Tags(tags) => {
-                let client = self.command_client(store);
                 for tag in tags {
                     let set = self.tag_key(tag);
-                    let members: Vec<String> = self
-                        .call(store, client.smembers(set.as_str()))
-                        .await
-                        .ok_or(Unfinished)?;
-                    for members in members.chunks(PURGE_BATCH) {
-                        let keys = members.iter().map(|m| self.entry_key(m)).collect();
-                        concerned += self.remove(store, keys, purge.soft, now).await?;
-                    }
-                    // A soft purge leaves the entries (stale), so their tags still name them.
-                    if !purge.soft {
-                        self.remove(store, vec![set], false, now).await?;
+                    // Page by page (SSCAN), like patterns: a tag on a million entries is purged in
+                    // batches within the purge's deadline, where one SMEMBERS had to answer within
+                    // REDIS_TIMEOUT and never did.
+                    let client = store.pool.next_connected();
+                    let mut pages = client
+                        .sscan(set.as_str(), "*", Some(PURGE_BATCH as u32))
+                        .boxed();
+                    while let Some(page) = pages.next().await {
+                        let mut page = ScanPage(Some(page.map_err(|error| {
+                            tracing::warn!(%error, "SSCAN failed during a purge");
+                            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                            Unfinished
+                        })?));
+                        let members = page.take_members();
+                        if !members.is_empty() {
+                            let keys = members.iter().map(|m| self.entry_key(m)).collect();
+                            concerned += self.remove(store, keys, purge.soft, now).await?;
+                            // A soft purge leaves the entries (stale), so their tags still name
+                            // them. A hard one forgets only the members it removed: unlinking the
+                            // whole set also dropped the entries fills tagged meanwhile, which the
+                            // next purge of the tag would then miss.
+                            if !purge.soft {
+                                self.forget_members(store, &set, members).await?;
+                            }
+                        }
+                        page.next();
                     }
                 }
             }
         }
         Ok(concerned)
+    }
+
+    /// Removes purged entries' names from a tag's set (an emptied set goes with its last member).
+    async fn forget_members(
+        &self,
+        store: &Store,
+        set: &str,
+        members: Vec<String>,
+    ) -> Result<(), Unfinished> {
+        let client = self.command_client(store);
+        let removed: Option<i64> = self.call(store, client.srem(set, members)).await;
+        removed.map(drop).ok_or(Unfinished)
     }
 
     /// Removes (hard) or marks stale (soft) these Redis keys; how many existed (were fresh).
