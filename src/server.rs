@@ -51,8 +51,15 @@ pub async fn serve(
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    // Connections wait in the listen backlog meanwhile; a Redis that is down costs start-up this long.
-    proxy.await_l2_startup(L2_STARTUP_PATIENCE).await;
+    // Connections wait in the listen backlog meanwhile; a Redis that is down costs start-up this
+    // long, and a stop asked for meanwhile is a stop.
+    tokio::select! {
+        () = proxy.await_l2_startup(L2_STARTUP_PATIENCE) => {}
+        () = &mut shutdown => {
+            tracing::info!("stopped while starting up");
+            return Ok(());
+        }
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
@@ -161,30 +168,45 @@ async fn accepted_or_pause(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Resolves on the next SIGTERM or SIGINT (Ctrl-C) after this call.
+///
+/// The handlers are installed by the call itself, not when the future is first polled: from then
+/// on these signals stop Strata gracefully instead of killing it (start-up waits for Redis before
+/// it polls anything). Must be called inside the runtime.
+#[cfg(unix)]
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind: SignalKind, name: &'static str| {
+        let installed = signal(kind);
+        async move {
+            match installed {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for {name}");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    };
+    let terminate = listen(SignalKind::terminate(), "SIGTERM");
+    let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            () = terminate => {},
+            () = interrupt => {},
+        }
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    async {
         if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
+            tracing::error!(%error, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use strata::config::Config;
-use support::binary::{send_sigterm, strata, wait_exit};
-use support::{free_addr, refused_url};
+use support::binary::{scratch_dir, send_sigterm, strata, take_logs, wait_exit, wait_listening};
+use support::{free_addr, get, refused_url, wait_until, MockOrigin, Reply};
 
 /// Runs the binary with `vars` (plus free listen/admin ports), expects exit status 2 and returns
 /// its stderr.
@@ -301,4 +301,86 @@ fn from_vars_rejects_bad_redis_settings_naming_them() {
             Err(e) => assert!(e.to_string().contains(name), "{name}={value:?}: {e}"),
         }
     }
+}
+
+/// SIGTERM while start-up still waits for Redis (here one that accepts connections and never
+/// answers, so the wait lasts its 2 s) stops Strata with status 0: the handlers are installed
+/// before the listeners are bound. It used to die of the signal.
+#[test]
+fn sigterm_while_starting_up_exits_0() {
+    let silent_redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis_url = format!("redis://{}", silent_redis.local_addr().unwrap());
+    let listen = free_addr();
+    let (origin, listen_s, admin_s) = (refused_url(), listen.to_string(), free_addr().to_string());
+    let mut child = strata(
+        &[
+            ("ORIGIN_URL", &origin),
+            ("LISTEN_ADDR", &listen_s),
+            ("ADMIN_ADDR", &admin_s),
+            ("REDIS_URL", &redis_url),
+        ],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+        assert!(child.0.try_wait().unwrap().is_none(), "strata exited early");
+        assert!(Instant::now() < deadline, "strata never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send_sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
+/// A second SIGTERM while Strata drains (SHUTDOWN_TIMEOUT 60 s, a request the origin answers in
+/// 30 s) closes the remaining connections at once and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("late")
+            .cc("no-store")
+            .delay(Duration::from_secs(30))
+    })
+    .await;
+    let dir = scratch_dir("drain");
+    let (out_path, err_path) = (dir.join("stdout.log"), dir.join("stderr.log"));
+    let listen = free_addr();
+    let (origin_s, listen_s, admin_s) = (origin.url(), listen.to_string(), free_addr().to_string());
+    let mut child = strata(
+        &[
+            ("ORIGIN_URL", &origin_s),
+            ("LISTEN_ADDR", &listen_s),
+            ("ADMIN_ADDR", &admin_s),
+            ("SHUTDOWN_TIMEOUT", "60s"),
+        ],
+        Stdio::from(std::fs::File::create(&out_path).unwrap()),
+        Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+    wait_listening(&mut child, &[listen], &err_path).await;
+    let url = format!("http://{listen}/slow");
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    origin.wait_hits("/slow", 1).await;
+
+    send_sigterm(&child);
+    let logs = || {
+        std::fs::read_to_string(&out_path).unwrap_or_default()
+            + &std::fs::read_to_string(&err_path).unwrap_or_default()
+    };
+    wait_until("strata draining", || logs().contains("shutting down")).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "exited before the drain"
+    );
+    // Well before the origin answers (30 s) or SHUTDOWN_TIMEOUT (60 s).
+    send_sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}; logs: {}",
+        logs()
+    );
+    in_flight.abort();
+    let _ = take_logs(&dir);
 }
