@@ -39,7 +39,7 @@ fn main() -> ExitCode {
 ///
 /// One thread gets tokio's current-thread scheduler: the accept loop, connections, origin and Redis
 /// clients then wake each other on one thread's queue, with no cross-thread handoff or atomic
-/// scheduling (passed-through requests ran 4–10% faster on one core than on a one-worker
+/// scheduling (passed-through requests ran 0–17%, median 8%, faster on one core than on a one-worker
 /// multi-thread runtime, whose accept loop also runs on a second thread). Blocking work (codec of
 /// large values) still goes to the blocking pool either way.
 fn runtime_for(worker_threads: Option<usize>) -> tokio::runtime::Builder {
