@@ -164,6 +164,7 @@ fn stats(proxy: &Proxy) -> Response<ProxyBody> {
             "origin_busy": s.origin_busy,
             "coalesced": s.coalesced,
             "coalesce_waiting": s.coalesce_waiting,
+            "fills_in_flight": s.fills_in_flight,
             "refreshes": s.refreshes,
             "purges": s.purges,
             "invalidations_sent": s.invalidations_sent,

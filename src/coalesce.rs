@@ -109,6 +109,11 @@ impl Coalescer {
             .sum()
     }
 
+    /// Fills under way now (one leader each).
+    pub fn in_flight_count(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
     /// Whether a fill for `key` is under way.
     pub fn in_flight(&self, key: &str) -> bool {
         self.lock().contains_key(key)

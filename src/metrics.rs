@@ -119,7 +119,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
         "strata_origin_duration_seconds",
         "Time until the origin's response headers arrived.",
     );
-    let families: [(&str, &str, &str, u64); 29] = [
+    let families: [(&str, &str, &str, u64); 30] = [
         (
             "strata_l1_bytes",
             "gauge",
@@ -192,6 +192,12 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "gauge",
             "Requests waiting for another request's fill of the same key.",
             s.coalesce_waiting,
+        ),
+        (
+            "strata_fills_in_flight",
+            "gauge",
+            "Keys being fetched now by a leader (from Redis or the origin), refreshes included.",
+            s.fills_in_flight,
         ),
         (
             "strata_refreshes_total",
@@ -344,6 +350,8 @@ pub struct StatsSnapshot {
     pub coalesced: u64,
     /// Requests waiting for another request's fill of the same key now.
     pub coalesce_waiting: u64,
+    /// Fills under way now: keys a leader is fetching (from Redis or the origin) or refreshing.
+    pub fills_in_flight: u64,
     pub refreshes: u64,
     pub l1_bytes: u64,
     pub l1_entries: u64,

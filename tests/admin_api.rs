@@ -370,6 +370,7 @@ async fn stats_reports_every_counter() {
         "origin_requests",
         "coalesced",
         "coalesce_waiting",
+        "fills_in_flight",
         "purges",
         "l2_failovers_followed",
         "purges_unpublished",
@@ -464,7 +465,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     );
     let text = resp.text();
 
-    let families: [(&str, &str); 27] = [
+    let families: [(&str, &str); 28] = [
         ("strata_requests_total", "counter"),
         ("strata_hit_duration_seconds", "histogram"),
         ("strata_l2_duration_seconds", "histogram"),
@@ -479,6 +480,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
         ("strata_l2_writes_overtaken_total", "counter"),
         ("strata_coalesced_total", "counter"),
         ("strata_coalesce_waiting", "gauge"),
+        ("strata_fills_in_flight", "gauge"),
         ("strata_refreshes_total", "counter"),
         ("strata_l2_writes_total", "counter"),
         ("strata_origin_requests_total", "counter"),

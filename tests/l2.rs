@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use support::fleet::*;
 use support::redis::RedisServer;
 use support::*;
+use tokio::sync::Notify;
 
 fn pttl(redis: &RedisServer, key: &str) -> i64 {
     let out = redis.cli(&["pttl", key]);
@@ -787,4 +788,56 @@ async fn request_max_age_and_min_fresh_bound_the_l2_copy_served() {
     assert_eq!(origin.hits("/aged/ok"), 1);
     assert_eq!(origin.hits("/aged/max-age"), 2);
     assert_eq!(origin.hits("/aged/min-fresh"), 2);
+}
+
+/// A request with `no-cache` that waits for a concurrent request's fill does not take the copy
+/// that request found in Redis: it asks the origin itself. A's fill holds the fleet-wide lock (its
+/// origin answer is held back), so B's plain request leads on B by waiting for A's result in
+/// Redis, and B's `no-cache` request follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_cache_follower_does_not_take_the_leaders_l2_copy() {
+    let redis = RedisServer::start();
+    let gate = Arc::new(Notify::new());
+    let origin = {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            let reply = if r.hit == 1 {
+                Reply::gated("v1", gate.clone(), " body")
+            } else {
+                Reply::ok(format!("v{} body", r.hit))
+            };
+            reply.cc("max-age=100")
+        })
+        .await
+    };
+    let a = instance(&origin, &redis, &[]).await;
+    let b = instance(&origin, &redis, &[]).await;
+    let get_on = |proxy: &TestProxy, headers: &'static [(&'static str, &'static str)]| {
+        let url = proxy.url("/reload");
+        tokio::spawn(async move { get(&url, headers).await })
+    };
+
+    let on_a = get_on(&a, &[("host", HOST)]);
+    origin.wait_hits("/reload", 1).await;
+    let plain = get_on(&b, &[("host", HOST)]);
+    wait_until("B's plain request leads", || b.stats().fills_in_flight == 1).await;
+    let reload = get_on(&b, &[("host", HOST), ("cache-control", "no-cache")]);
+    wait_until("B's no-cache request follows it", || {
+        b.stats().coalesce_waiting == 1
+    })
+    .await;
+    gate.notify_one();
+
+    let on_a = within("A's answer", secs(10), on_a).await.unwrap();
+    expect(&on_a, "MISS", "v1 body");
+    let plain = within("B's leader", secs(10), plain).await.unwrap();
+    expect(&plain, "HIT-L2", "v1 body");
+    let reload = within("B's follower", secs(10), reload).await.unwrap();
+    assert_eq!(
+        reload.text(),
+        "v2 body",
+        "the no-cache request got {:?}",
+        reload.headers
+    );
+    assert_eq!(origin.hits("/reload"), 2);
 }

@@ -292,6 +292,7 @@ impl Proxy {
         snapshot.origin_waiting = self.0.origin.waiting();
         snapshot.origin_busy = self.0.origin.busy();
         snapshot.coalesce_waiting = self.0.coalescer.waiting();
+        snapshot.fills_in_flight = self.0.coalescer.in_flight_count();
         if let Some(l2) = self.0.cache.l2() {
             let get =
                 |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -631,8 +632,10 @@ impl Proxy {
         fwd: Fwd,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
+        let directives = request_directives(&parts.headers);
         // Two rounds: a follower handed another variant of the URL tries once more (and may lead).
         for _ in 0..2 {
+            let joined_at = inner.clock.now();
             let follower = match inner
                 .coalescer
                 .join(&target.key, inner.purge_log.generation())
@@ -647,10 +650,13 @@ impl Proxy {
             let now = inner.clock.now();
             match waited {
                 // The leader's copy may be older than this request accepts (its `max-age`,
-                // `min-fresh`): such a request asks the origin itself.
+                // `min-fresh`), or, for a request with `no-cache`, not the origin's answer to a
+                // request made after it arrived (a leader may answer from Redis): such a request
+                // asks the origin itself.
                 Waited::Stored(entry)
                     if entry.matches_variant(&parts.headers)
-                        && satisfies(&entry, &request_directives(&parts.headers), now) =>
+                        && satisfies(&entry, &directives, now)
+                        && (!directives.no_cache || entry.response_time >= joined_at) =>
                 {
                     Stats::incr(&inner.stats.coalesced);
                     return respond::from_entry(
