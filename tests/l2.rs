@@ -654,6 +654,51 @@ async fn uncacheable_urls_skip_redis_after_the_first_answer() {
     );
 }
 
+/// Under `Vary: Cookie`, a signed-in user's `private` answer marks only that user's variant: the
+/// next signed-in request goes straight to the origin (no Redis round trips), and the stored
+/// anonymous variant stays a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncacheable_variant_is_passed_alone() {
+    let redis = RedisServer::start();
+    let origin = MockOrigin::start(|r| {
+        let reply = if r.header("cookie").is_some() {
+            Reply::ok("yours").cc("private, max-age=60")
+        } else {
+            Reply::ok("everyone's").cc("public, max-age=60")
+        };
+        reply.header("vary", "Cookie")
+    })
+    .await;
+    let proxy = instance(&origin, &redis, &[]).await;
+    let signed_in = [("cookie", "session=42")];
+    let calls = |redis: &RedisServer| {
+        ["get", "set", "eval", "exists"].map(|command| command_calls(redis, command))
+    };
+
+    expect(&sget(&proxy, "/home").await, "MISS", "everyone's");
+    expect(
+        &sget_with(&proxy, "/home", &signed_in).await,
+        "MISS",
+        "yours",
+    );
+    flush_l2(&proxy).await;
+    let after_first = calls(&redis);
+    for _ in 0..3 {
+        expect(
+            &sget_with(&proxy, "/home", &signed_in).await,
+            "MISS",
+            "yours",
+        );
+        expect(&sget(&proxy, "/home").await, "HIT-L1", "everyone's");
+    }
+    assert_eq!(
+        calls(&redis),
+        after_first,
+        "Redis commands after the signed-in variant was marked"
+    );
+    assert_eq!(origin.hits("/home"), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_that_comes_up_after_start_up_is_used() {
     let mut redis = RedisServer::start();

@@ -80,6 +80,10 @@ impl Cache {
                     Some(Slot::Entry(entry)) if entry.matches_variant(request_headers) => {
                         found.entry = Some(entry);
                     }
+                    Some(Slot::Pass(until)) => {
+                        found.pass_until = Some(until);
+                        found.vary_miss = true;
+                    }
                     _ => found.vary_miss = true,
                 }
             }
@@ -87,15 +91,19 @@ impl Cache {
         found
     }
 
-    /// Remembers until `until` that this URL's answers cannot be stored, unless its answers vary
-    /// and some are stored: the pass would replace the record through which they are found, so
-    /// one variant's uncacheable answer (a signed-in user's `private` page under `Vary: Cookie`)
-    /// would hide every stored one.
-    pub fn mark_pass(&self, key: &str, until: SystemTime) {
-        if matches!(self.l1.get(key), Some(Slot::Vary(_))) {
-            return;
-        }
-        self.l1.insert(key.to_string(), Slot::Pass(until));
+    /// Remembers until `until` that this URL's answers cannot be stored. When its answers vary
+    /// and some are stored, only this request's variant is marked: a mark in the URL's own slot
+    /// would replace the record through which the stored ones are found, so one variant's
+    /// uncacheable answer (a signed-in user's `private` page under `Vary: Cookie`) would hide
+    /// every stored variant.
+    pub fn mark_pass(&self, key: &str, request_headers: &HeaderMap, until: SystemTime) {
+        let mark = match self.l1.get(key) {
+            Some(Slot::Vary(record)) => {
+                variant_key(key, record.nonce, &record.names, request_headers)
+            }
+            _ => key.to_string(),
+        };
+        self.l1.insert(mark, Slot::Pass(until));
     }
 
     /// The L2 response for this URL, promoted into L1 when found.

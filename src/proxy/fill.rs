@@ -309,7 +309,9 @@ impl Proxy {
                 let about_the_response = response_says_no
                     || matches!(reason, NotStorable::NeverReusable | NotStorable::VaryStar);
                 if about_the_response && (stored.is_none() || response_says_no) {
-                    inner.cache.mark_pass(&target.key, later(now, PASS_FOR));
+                    inner
+                        .cache
+                        .mark_pass(&target.key, &parts.headers, later(now, PASS_FOR));
                 }
                 tracing::debug!(?reason, status = status.as_u16(), "response not stored");
                 if asked_for_a_range(&parts.headers, status) {
@@ -333,7 +335,9 @@ impl Proxy {
         if declared_length.is_some_and(|length| length > inner.config.max_object_bytes) {
             permit.release();
             if stored.is_none() {
-                inner.cache.mark_pass(&target.key, later(now, PASS_FOR));
+                inner
+                    .cache
+                    .mark_pass(&target.key, &parts.headers, later(now, PASS_FOR));
             }
             if asked_for_a_range(&parts.headers, status) {
                 drop(body);
@@ -406,7 +410,9 @@ impl Proxy {
         fwd: Fwd,
     ) -> Response<ProxyBody> {
         if nothing_stored {
-            self.0.cache.mark_pass(&target.key, later(now, PASS_FOR));
+            self.0
+                .cache
+                .mark_pass(&target.key, &parts.headers, later(now, PASS_FOR));
         }
         self.forward(parts, ProxyBody::empty(), target, None, fwd)
             .await
