@@ -252,6 +252,9 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
     let cluster = Cluster::start();
     let origin = MockOrigin::start(|r| {
         let reply = Reply::ok(format!("body of {}", r.path)).cc("max-age=300");
+        if r.path.starts_with("/tagged/") {
+            return reply.header("surrogate-key", "cluster-tag");
+        }
         if r.path == "/cold" {
             // Long enough for the concurrent requests to overlap the fill.
             reply.delay(Duration::from_millis(300))
@@ -369,5 +372,37 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
         .collect();
     assert!(left.is_empty(), "left after the purge: {left:?}");
     assert!(cluster.exists(&entry_key("/cold")), "/cold is not matched");
+    assert_eq!(a.stats().l2_errors, 0, "A {:?}", a.stats());
+
+    // A tag purge on a cluster: the tag's set is read page by page on its node (SSCAN), its
+    // entries are unlinked on theirs, and the set forgets them (SREM, then EXISTS key by key).
+    let tagged: Vec<String> = (0..10).map(|i| format!("/tagged/{i}")).collect();
+    for path in &tagged {
+        expect(&sget(&a, path).await, "MISS", &format!("body of {path}"));
+    }
+    flush_l2(&a).await;
+    let set = "strata:t:cluster-tag";
+    assert!(cluster.exists(set), "the tag's set");
+    let purged = request(
+        "POST",
+        &a.admin_url("/purge"),
+        &[("content-type", "application/json")],
+        r#"{"tags": ["cluster-tag"]}"#,
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    let reply: serde_json::Value = serde_json::from_str(&purged.text()).unwrap();
+    assert_eq!(
+        (&reply["l2_removed"], &reply["l2_pending"]),
+        (&serde_json::json!(10), &serde_json::json!(false)),
+        "{reply}"
+    );
+    for path in &tagged {
+        assert!(
+            !cluster.exists(&entry_key(path)),
+            "{path} left after the tag purge"
+        );
+    }
+    assert!(!cluster.exists(set), "the emptied set is gone");
     assert_eq!(a.stats().l2_errors, 0, "A {:?}", a.stats());
 }

@@ -941,7 +941,11 @@ impl L2 {
         Ok(concerned)
     }
 
-    /// Removes purged entries' names from a tag's set (an emptied set goes with its last member).
+    /// Removes purged entries' names from a tag's set (an emptied set goes with its last member),
+    /// then names again those whose entry exists by now: a fill that stored one of them again
+    /// after the purge removed it sent its SADD while the name was still there (a no-op), and
+    /// without its name the next purge of the tag would miss it. Entry and set may live on
+    /// different cluster nodes, so this is three round trips rather than one script.
     async fn forget_members(
         &self,
         store: &Store,
@@ -949,8 +953,28 @@ impl L2 {
         members: Vec<String>,
     ) -> Result<(), Unfinished> {
         let client = self.command_client(store);
-        let removed: Option<i64> = self.call(store, client.srem(set, members)).await;
-        removed.map(drop).ok_or(Unfinished)
+        let removed: Option<i64> = self.call(store, client.srem(set, members.clone())).await;
+        removed.ok_or(Unfinished)?;
+        let pipeline = Pipeline::from(self.command_client(store));
+        for member in &members {
+            let queued: Result<(), fred::error::Error> =
+                pipeline.exists(self.entry_key(member)).await;
+            queued.map_err(|_| Unfinished)?;
+        }
+        let exists = self
+            .call_pipeline(store, pipeline)
+            .await
+            .ok_or(Unfinished)?;
+        let refilled: Vec<String> = members
+            .into_iter()
+            .zip(exists)
+            .filter_map(|(member, exists)| matches!(exists, Ok(n) if n > 0).then_some(member))
+            .collect();
+        if !refilled.is_empty() {
+            let added: Option<i64> = self.call(store, client.sadd(set, refilled)).await;
+            added.ok_or(Unfinished)?;
+        }
+        Ok(())
     }
 
     /// Removes (hard) or marks stale (soft) these Redis keys; how many existed (were fresh).
