@@ -148,15 +148,17 @@ impl Watch {
 
     /// Connects the clients and starts listening; `store` is the store's index in `l2`.
     pub(super) fn start(&self, l2: &Arc<L2>, store: usize) {
+        let sentinels: Arc<[Config]> = self.clients.iter().map(Client::client_config).collect();
         for client in &self.clients {
             tokio::spawn(supervise(Arc::downgrade(l2), client.clone()));
-            tokio::spawn(announcements(
-                Arc::downgrade(l2),
+            let switches = Following {
+                l2: Arc::downgrade(l2),
                 store,
-                client.clone(),
-                self.service.clone(),
-                self.last.clone(),
-            ));
+                service: self.service.clone(),
+                last: self.last.clone(),
+                sentinels: sentinels.clone(),
+            };
+            tokio::spawn(announcements(client.clone(), switches));
         }
     }
 
@@ -166,15 +168,61 @@ impl Watch {
     }
 }
 
-/// One sentinel's announcements: (re)subscribes on every (re)connection, and moves the store's
-/// clients when the sentinel names a new master for the service.
-async fn announcements(
+/// What a store's listeners share to follow its switches.
+#[derive(Clone)]
+struct Following {
     l2: Weak<L2>,
     store: usize,
-    client: Client,
     service: String,
     last: LastSwitch,
-) {
+    /// Every sentinel of the store, to ask when an announcement is [`Announced::Unsure`].
+    sentinels: Arc<[Config]>,
+}
+
+impl Following {
+    /// Moves the store's clients to `to` under `generation` (in a task of its own).
+    fn follow(&self, to: Address, generation: u64) {
+        if let Some(l2) = self.l2.upgrade() {
+            l2.stats.failovers_followed.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(host = %to.0, port = to.1, "Sentinel failover: moving to the new master");
+        tokio::spawn(follow(
+            self.l2.clone(),
+            self.store,
+            to,
+            self.last.clone(),
+            generation,
+        ));
+    }
+
+    /// An announcement that does not start from the master followed last: followed only if most
+    /// of the store's sentinels name `to` now. The announcing sentinel alone would not do: a
+    /// late announcement of an older switch comes from the sentinel most likely behind.
+    fn confirm_then_follow(&self, to: Address) {
+        let following = self.clone();
+        tokio::spawn(async move {
+            let named = join_all(
+                following
+                    .sentinels
+                    .iter()
+                    .map(|sentinel| named_master(sentinel, &following.service)),
+            )
+            .await;
+            if !named_by_most(&named, &to) {
+                tracing::debug!(host = %to.0, port = to.1, ?named, "Sentinel announcement not confirmed; ignored");
+                return;
+            }
+            if let Some(generation) = following.last.confirmed(&to) {
+                following.follow(to, generation);
+            }
+        });
+    }
+}
+
+/// One sentinel's announcements: (re)subscribes on every (re)connection, and moves the store's
+/// clients when the sentinel names a new master for the service.
+async fn announcements(client: Client, following: Following) {
+    let l2 = &following.l2;
     let mut messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     loop {
@@ -193,23 +241,12 @@ async fn announcements(
                 message = messages.recv() => match message {
                     Ok(message) => {
                         let Some(text) = message.value.as_str() else { continue };
-                        let Some((from, to)) = switch(&text, &service) else { continue };
-                        let generation = match last.record(&from, &to) {
-                            Announced::Follow(generation) => generation,
-                            Announced::Repeat => continue,
-                            Announced::Unsure => {
-                                if named_master(&client, &service).await.as_ref() != Some(&to) {
-                                    continue;
-                                }
-                                let Some(generation) = last.confirmed(&to) else { continue };
-                                generation
-                            }
-                        };
-                        if let Some(l2) = l2.upgrade() {
-                            l2.stats.failovers_followed.fetch_add(1, Ordering::Relaxed);
+                        let Some((from, to)) = switch(&text, &following.service) else { continue };
+                        match following.last.record(&from, &to) {
+                            Announced::Follow(generation) => following.follow(to, generation),
+                            Announced::Repeat => {}
+                            Announced::Unsure => following.confirm_then_follow(to),
                         }
-                        tracing::info!(host = %to.0, port = to.1, "Sentinel failover: moving to the new master");
-                        tokio::spawn(follow(l2.clone(), store, to, last.clone(), generation));
                     }
                     // A lost announcement is covered by fred's own reconnection, later.
                     Err(RecvError::Lagged(_)) => {}
@@ -231,10 +268,20 @@ async fn announcements(
     }
 }
 
+/// Whether more than half of the sentinels asked (`named`: each one's answer, `None` if it gave
+/// none) name `to` as the master.
+fn named_by_most(named: &[Option<Address>], to: &Address) -> bool {
+    let agreeing = named
+        .iter()
+        .filter(|named| named.as_ref() == Some(to))
+        .count();
+    agreeing * 2 > named.len()
+}
+
 /// The master `sentinel` names for `service` now (`SENTINEL get-master-addr-by-name`), asked on
-/// a connection of its own (the listener's is subscribed); `None` if it cannot tell in time.
-async fn named_master(sentinel: &Client, service: &str) -> Option<Address> {
-    let asking = Client::new(sentinel.client_config(), None, None, None);
+/// a connection of its own (the listeners' are subscribed); `None` if it cannot tell in time.
+async fn named_master(sentinel: &Config, service: &str) -> Option<Address> {
+    let asking = Client::new(sentinel.clone(), None, None, None);
     let ask = async {
         let _connection = asking.init().await.ok()?;
         let reply: Vec<String> = asking
@@ -385,6 +432,21 @@ mod tests {
         // asked, name c, and nothing changes.
         assert_eq!(switches.record(&a, &b), Announced::Unsure);
         assert!(switches.is_current(2));
+    }
+
+    #[test]
+    fn an_unsure_switch_needs_most_sentinels_to_name_its_master() {
+        let (b, c) = (address("b", 2), address("c", 3));
+        assert!(named_by_most(&[Some(c.clone()), Some(c.clone()), None], &c));
+        // The announcing sentinel is behind; the other two know of a later switch.
+        assert!(!named_by_most(
+            &[Some(b.clone()), Some(c.clone()), Some(c.clone())],
+            &b
+        ));
+        // Unreachable sentinels confirm nothing.
+        assert!(!named_by_most(&[Some(b.clone()), None, None], &b));
+        assert!(!named_by_most(&[Some(b.clone()), Some(c.clone())], &b));
+        assert!(!named_by_most(&[], &b));
     }
 
     #[test]
