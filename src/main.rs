@@ -1,11 +1,9 @@
 //! The `strata` binary: parse configuration, start logging, serve until SIGTERM/SIGINT.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use strata::config::{Config, RawArgs};
-use tokio::sync::Notify;
 
 /// Exit status for unusable configuration (as clap uses for usage errors).
 const EXIT_CONFIG: u8 = 2;
@@ -56,7 +54,7 @@ fn runtime_for(worker_threads: Option<usize>) -> tokio::runtime::Builder {
 
 async fn run(config: Config) -> ExitCode {
     // First, so that a SIGTERM from here on stops Strata rather than kills it.
-    let first_signal = strata::server::shutdown_signal();
+    let signals = strata::server::stop_signals();
     let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -80,18 +78,8 @@ async fn run(config: Config) -> ExitCode {
     };
     // A second SIGTERM/SIGINT while draining (an impatient operator, Ctrl-C twice) ends the drain:
     // the remaining connections close at once, as they would at SHUTDOWN_TIMEOUT.
-    let stopping = Arc::new(Notify::new());
-    let shutdown = {
-        let stopping = stopping.clone();
-        async move {
-            first_signal.await;
-            stopping.notify_one();
-        }
-    };
-    let second_signal = async {
-        stopping.notified().await;
-        strata::server::shutdown_signal().await;
-    };
+    let shutdown = strata::server::signalled(signals.clone(), 1);
+    let second_signal = strata::server::signalled(signals, 2);
     tokio::select! {
         served = strata::server::serve(proxy, listener, admin, shutdown) => match served {
             Ok(()) => ExitCode::SUCCESS,

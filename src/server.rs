@@ -168,45 +168,84 @@ async fn accepted_or_pause(
     }
 }
 
-/// Resolves on the next SIGTERM or SIGINT (Ctrl-C) after this call.
+/// Counts the SIGTERMs and SIGINTs (Ctrl-C) received from this call on: the first asks for a
+/// graceful stop, a second for an immediate one.
 ///
-/// The handlers are installed by the call itself, not when the future is first polled: from then
-/// on these signals stop Strata gracefully instead of killing it (start-up waits for Redis before
-/// it polls anything). Must be called inside the runtime.
-#[cfg(unix)]
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{signal, SignalKind};
-    let listen = |kind: SignalKind, name: &'static str| {
-        let installed = signal(kind);
-        async move {
-            match installed {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for {name}");
-                    std::future::pending::<()>().await;
-                }
-            }
+/// The handlers are installed by the call itself, not when something first waits: from then on
+/// these signals stop Strata instead of killing it (start-up waits for Redis before it polls
+/// anything). One listener per signal for the process's life, so a second signal that follows the
+/// first closely is counted too. Must be called inside the runtime.
+pub fn stop_signals() -> tokio::sync::watch::Receiver<u64> {
+    let (count, received) = tokio::sync::watch::channel(0u64);
+    let signals = installed_signals();
+    tokio::spawn(async move {
+        let mut signals = signals;
+        loop {
+            next_signal(&mut signals).await;
+            count.send_modify(|n| *n += 1);
         }
-    };
-    let terminate = listen(SignalKind::terminate(), "SIGTERM");
-    let interrupt = listen(SignalKind::interrupt(), "SIGINT");
-    async move {
-        tokio::select! {
-            () = terminate => {},
-            () = interrupt => {},
-        }
+    });
+    received
+}
+
+/// Resolves once `signals` has counted `n` signals.
+pub async fn signalled(mut signals: tokio::sync::watch::Receiver<u64>, n: u64) {
+    if signals.wait_for(|count| *count >= n).await.is_err() {
+        // The counting task is gone (the runtime is shutting down): no signal will come.
+        std::future::pending::<()>().await;
     }
 }
 
-/// Resolves on Ctrl-C.
-#[cfg(not(unix))]
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+#[cfg(unix)]
+type Signals = [Option<tokio::signal::unix::Signal>; 2];
+
+#[cfg(unix)]
+fn installed_signals() -> Signals {
+    use tokio::signal::unix::{signal, SignalKind};
+    let install = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for {name}");
+            None
         }
+    };
+    [
+        install(SignalKind::terminate(), "SIGTERM"),
+        install(SignalKind::interrupt(), "SIGINT"),
+    ]
+}
+
+#[cfg(unix)]
+async fn next_signal(signals: &mut Signals) {
+    let [terminate, interrupt] = signals;
+    tokio::select! {
+        () = next_of(terminate) => {},
+        () = next_of(interrupt) => {},
+    }
+}
+
+/// The next delivery of one signal; never, if it could not be listened for.
+#[cfg(unix)]
+async fn next_of(signal: &mut Option<tokio::signal::unix::Signal>) {
+    let received = match signal {
+        Some(signal) => signal.recv().await,
+        None => None,
+    };
+    if received.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(not(unix))]
+type Signals = ();
+
+#[cfg(not(unix))]
+fn installed_signals() -> Signals {}
+
+#[cfg(not(unix))]
+async fn next_signal(_: &mut Signals) {
+    if let Err(error) = tokio::signal::ctrl_c().await {
+        tracing::error!(%error, "cannot listen for Ctrl-C");
+        std::future::pending::<()>().await;
     }
 }

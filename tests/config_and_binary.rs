@@ -92,29 +92,33 @@ fn binary_serves_health_and_exits_0_on_sigterm() {
     serves_health_and_exits_0_on_sigterm(&[]);
 }
 
-/// WORKER_THREADS=1 runs everything on one thread (the current-thread scheduler: no worker
-/// threads beside the main one); 3 adds three workers. Either way the binary serves and stops.
+/// WORKER_THREADS=1 runs everything on the main thread (the current-thread scheduler: no worker
+/// threads); 3 starts three workers. Either way the binary serves and stops.
 #[test]
 fn worker_threads_set_the_threads_that_serve() {
     let one = serves_health_and_exits_0_on_sigterm(&[("WORKER_THREADS", "1")]);
+    assert_eq!(one, 0, "worker threads with WORKER_THREADS=1");
     let three = serves_health_and_exits_0_on_sigterm(&[("WORKER_THREADS", "3")]);
-    assert_eq!(
-        three,
-        one + 3,
-        "threads with 1 worker: {one}, with 3 workers: {three}"
-    );
+    assert_eq!(three, 3, "worker threads with WORKER_THREADS=3");
 }
 
-/// The threads of process `pid` (Linux's /proc).
-fn thread_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| tasks.count())
-        .unwrap_or(0)
+/// The runtime's worker threads in process `pid` (Linux's /proc; tokio names them).
+fn worker_thread_count(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.trim() == "tokio-rt-worker")
+        })
+        .count()
 }
 
 /// Starts the binary with `extra` settings, expects /health 200 and a 502 from the traffic
-/// listener (the origin refuses), then exit status 0 after SIGTERM. Returns how many threads the
-/// process had while serving.
+/// listener (the origin refuses), then exit status 0 after SIGTERM. Returns how many runtime
+/// worker threads the process had while serving.
 fn serves_health_and_exits_0_on_sigterm(extra: &[(&str, &str)]) -> usize {
     let listen = free_addr();
     let admin = free_addr();
@@ -148,7 +152,7 @@ fn serves_health_and_exits_0_on_sigterm(extra: &[(&str, &str)]) -> usize {
     // The traffic listener is up too (the origin is down, so a 502).
     let (status, _) = try_get(listen, "/anything").expect("traffic listener answers");
     assert_eq!(status, 502);
-    let threads = thread_count(child.0.id());
+    let threads = worker_thread_count(child.0.id());
 
     send_sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(10));
@@ -310,6 +314,7 @@ fn from_vars_rejects_bad_redis_settings_naming_them() {
 fn sigterm_while_starting_up_exits_0() {
     let silent_redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let redis_url = format!("redis://{}", silent_redis.local_addr().unwrap());
+    let dir = scratch_dir("starting");
     let listen = free_addr();
     let (origin, listen_s, admin_s) = (refused_url(), listen.to_string(), free_addr().to_string());
     let mut child = strata(
@@ -319,8 +324,8 @@ fn sigterm_while_starting_up_exits_0() {
             ("ADMIN_ADDR", &admin_s),
             ("REDIS_URL", &redis_url),
         ],
-        Stdio::null(),
-        Stdio::null(),
+        Stdio::from(std::fs::File::create(dir.join("stdout.log")).unwrap()),
+        Stdio::from(std::fs::File::create(dir.join("stderr.log")).unwrap()),
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
@@ -330,7 +335,16 @@ fn sigterm_while_starting_up_exits_0() {
     }
     send_sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    let logs = take_logs(&dir);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}; logs: {logs}"
+    );
+    assert!(
+        logs.contains("stopped while starting up"),
+        "the signal came after start-up: {logs}"
+    );
 }
 
 /// A second SIGTERM while Strata drains (SHUTDOWN_TIMEOUT 60 s, a request the origin answers in
