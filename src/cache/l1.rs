@@ -208,6 +208,18 @@ impl L1 {
         self.store.as_ref().is_some_and(|s| s.remove(key).is_some())
     }
 
+    /// Removes `key` only while it still holds `entry` (not a newer one stored since).
+    pub fn remove_entry(&self, key: &str, entry: &Arc<Entry>) -> bool {
+        self.store.as_ref().is_some_and(|store| {
+            store
+                .remove_if(
+                    key,
+                    |slot| matches!(slot, Slot::Entry(held) if Arc::ptr_eq(held, entry)),
+                )
+                .is_some()
+        })
+    }
+
     pub fn enabled(&self) -> bool {
         self.store.is_some()
     }
@@ -341,6 +353,20 @@ mod tests {
         l1.remove("example.com/3");
         assert!(!l1.replace_entry("example.com/3", &expired, entry("again")));
         assert!(l1.get("example.com/3").is_none());
+    }
+
+    #[test]
+    fn remove_entry_leaves_a_newer_entry() {
+        let l1 = filled();
+        let Some(Slot::Entry(read)) = l1.get("example.com/4") else {
+            panic!("not stored");
+        };
+        let newer = entry("newer");
+        l1.insert("example.com/4".into(), Slot::Entry(newer.clone()));
+        assert!(!l1.remove_entry("example.com/4", &read));
+        assert!(matches!(l1.get("example.com/4"), Some(Slot::Entry(e)) if Arc::ptr_eq(&e, &newer)));
+        assert!(l1.remove_entry("example.com/4", &newer));
+        assert!(l1.get("example.com/4").is_none());
     }
 
     #[test]

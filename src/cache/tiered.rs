@@ -127,7 +127,7 @@ impl Cache {
                 }
                 self.l1.insert(key.to_string(), Slot::Entry(entry.clone()));
                 if purged(&entry) {
-                    self.l1.remove(key);
+                    self.l1.remove_entry(key, &entry);
                     return None;
                 }
                 Some(entry)
@@ -147,7 +147,7 @@ impl Cache {
                 }
                 self.l1.insert(variant.clone(), Slot::Entry(entry.clone()));
                 if purged(&entry) {
-                    self.l1.remove(&variant);
+                    self.l1.remove_entry(&variant, &entry);
                     return None;
                 }
                 Some(entry)
