@@ -149,6 +149,75 @@ async fn failover_list_moves_down_when_the_first_store_dies_and_back_when_it_ret
     );
 }
 
+/// A purge made while the first store of a failover list is down is done on the second at once
+/// and on the first when its retry gets there (the retries back off while it is down, up to 30 s
+/// apart). Meanwhile the first store, back and preferred again, still holds the purged copy: it is
+/// not served. A has no L1, so every request reads Redis; the origin stores nothing after the
+/// purge, so no fill overwrites the old copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_back_from_an_outage_does_not_serve_what_a_purge_still_owes_it() {
+    let mut r1 = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let r2 = RedisServer::start();
+    let origin =
+        MockOrigin::start(|r| Reply::ok(format!("{} v{}", r.path, r.hit)).cc("max-age=300")).await;
+    let url = format!("{},{}", r1.url(), r2.url());
+    let a = instance_at(
+        &origin,
+        &url,
+        TOPOLOGY_REDIS_TIMEOUT,
+        &[("CACHE_SIZE_MB", "0")],
+    )
+    .await;
+    expect(&sget(&a, "/owed").await, "MISS", "/owed v1");
+    flush_l2(&a).await;
+    expect(&sget(&a, "/owed").await, "HIT-L2", "/owed v1");
+
+    r1.kill();
+    origin.set_handler(|r| Reply::ok(format!("{} uncached", r.path)).cc("no-store"));
+    let purged = request(
+        "POST",
+        &a.admin_url("/purge"),
+        &[("content-type", "application/json")],
+        r#"{"key": "shared.test/owed"}"#,
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert!(a.stats().l2_purges_unfinished >= 1, "{:?}", a.stats());
+    // Not a wait for an event: a longer outage lets the retries back off further, which leaves
+    // the restarted store holding the old copy for longer (the case this test is about).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    r1.restart();
+    assert_eq!(
+        r1.cli(&["exists", &entry_key("/owed")]),
+        "1",
+        "the AOF kept the copy"
+    );
+
+    let deadline = Instant::now() + secs(40);
+    let mut answers = Vec::new();
+    while a.stats().l2_purges_unfinished > 0 {
+        let r = sget(&a, "/owed").await;
+        answers.push(format!("{} {}", r.x_cache(), r.text()));
+        assert_ne!(
+            r.text(),
+            "/owed v1",
+            "the purged copy came back; answers: {answers:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the purge never reached R1; {:?}",
+            a.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        r1.cli(&["exists", &entry_key("/owed")]),
+        "0",
+        "the retry reached R1"
+    );
+    expect(&sget(&a, "/owed").await, "MISS", "/owed uncached");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_is_followed_to_the_new_master() {
     let group = SentinelGroup::start();
