@@ -1024,3 +1024,38 @@ async fn a_soft_purge_reaches_every_l2_variant() {
         );
     }
 }
+
+/// A soft purge of a varying URL removes its vary record from Redis; when Redis does not take
+/// that removal (writes held back past REDIS_TIMEOUT), the purge is reported unfinished and done
+/// once Redis takes writes again, like any purge a store missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_purge_whose_record_removal_fails_is_retried() {
+    let redis = RedisServer::start();
+    let origin = vary_origin().await;
+    let a = instance(
+        &origin,
+        &redis,
+        &[("ADMIN_TOKEN", TOKEN), ("REDIS_TIMEOUT", "200ms")],
+    )
+    .await;
+    for encoding in ENCODINGS {
+        assert_eq!(vget(&a, "/l2v/held", encoding).await.x_cache(), "MISS");
+    }
+    flush_l2(&a).await;
+    let record = entry_key("/l2v/held");
+    assert_eq!(redis.cli(&["exists", &record]), "1");
+
+    // Reads go on; the record's compare-and-delete (a script that writes) waits, and times out.
+    assert_eq!(redis.cli(&["client", "pause", "10000", "write"]), "OK");
+    let v = purge(&a, json!({"key": "shared.test/l2v/held", "soft": true})).await;
+    assert_eq!(v["l2_pending"], true, "{v}");
+    assert_eq!(redis.cli(&["client", "unpause"]), "OK");
+    wait_until_for("the retry removes the record", secs(20), || {
+        redis.cli(&["exists", &record]) == "0"
+    })
+    .await;
+    wait_until("nothing owed any more", || {
+        a.stats().l2_purges_unfinished == 0
+    })
+    .await;
+}

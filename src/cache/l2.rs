@@ -702,8 +702,13 @@ impl L2 {
     }
 
     /// Deletes `redis_key` only while it still holds `expected` (an entry we read or wrote, a lock
-    /// we own). True when it was deleted.
-    async fn compare_and_delete(&self, store: &Store, redis_key: String, expected: Value) -> bool {
+    /// we own). Whether it was deleted; `None` when the store did not answer.
+    async fn compare_and_delete(
+        &self,
+        store: &Store,
+        redis_key: String,
+        expected: Value,
+    ) -> Option<bool> {
         let client = self.command_client(store);
         let deleted: Option<i64> = self
             .call(
@@ -711,7 +716,7 @@ impl L2 {
                 client.eval(COMPARE_AND_DELETE_SCRIPT, vec![redis_key], vec![expected]),
             )
             .await;
-        deleted.is_some_and(|n| n > 0)
+        deleted.map(|n| n > 0)
     }
 
     fn remember(&self, write: SentWrite) {
@@ -1048,10 +1053,11 @@ impl L2 {
             // request's fields lead to, so they cannot be marked one by one. Without the record
             // they cannot be found: instances refetch, and those with a copy in L1 serve it stale.
             Ok(Slot::Vary(_)) => {
-                let deleted = self
+                // A store that did not answer still owes the purge (retried like any other).
+                return self
                     .compare_and_delete(store, redis_key.to_string(), Value::from(value))
-                    .await;
-                return Ok(deleted);
+                    .await
+                    .ok_or(Unfinished);
             }
             _ => return Ok(false),
         };
@@ -1125,7 +1131,9 @@ impl L2 {
         let Some(store) = self.stores.get(token.store) else {
             return;
         };
-        self.compare_and_delete(store, self.lock_key(&token.key), Value::from(token.owner))
+        // Unanswered, the lock expires by itself (its TTL is CACHE_LOCK_TIMEOUT).
+        let _ = self
+            .compare_and_delete(store, self.lock_key(&token.key), Value::from(token.owner))
             .await;
     }
 
@@ -1337,7 +1345,8 @@ async fn write_loop(l2: std::sync::Weak<L2>, mut queue: mpsc::Receiver<Write>) {
                     l2.write_to(index, store, key, slot, *ttl, *since).await;
                 }
                 Write::DeleteIfUnchanged { key, value } => {
-                    l2.compare_and_delete(store, l2.entry_key(key), Value::from(value.clone()))
+                    let _ = l2
+                        .compare_and_delete(store, l2.entry_key(key), Value::from(value.clone()))
                         .await;
                 }
             }
