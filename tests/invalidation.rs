@@ -797,3 +797,38 @@ async fn a_tag_purge_pages_through_a_large_tag() {
         "refilled entries are indexed again"
     );
 }
+
+/// A fill's SET that times out may still land in Redis; its tags are indexed all the same, so a
+/// tag purge finds it (it used to be indexed only after a SET that answered in time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_set_timed_out_is_still_found_by_a_tag_purge() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(
+        &origin,
+        &redis,
+        &[("ADMIN_TOKEN", TOKEN), ("REDIS_TIMEOUT", "200ms")],
+    )
+    .await;
+
+    // Writes wait in Redis past REDIS_TIMEOUT: the fill lock, the entry's SET and then its tag
+    // SADD time out here, and land when Redis takes writes again.
+    assert_eq!(redis.cli(&["client", "pause", "10000", "write"]), "OK");
+    expect(&sget(&a, "/tagged/late").await, "MISS", "/tagged/late v1");
+    wait_until("the lock, the SET and the SADD timed out here", || {
+        a.stats().l2_timeouts >= 3
+    })
+    .await;
+    assert_eq!(redis.cli(&["client", "unpause"]), "OK");
+    flush_l2(&a).await;
+    let entry = "strata:e:shared.test/tagged/late";
+    wait_until("the SET landed", || redis.cli(&["exists", entry]) == "1").await;
+    wait_until("its name is in the tag's set", || {
+        redis.cli(&["sismember", "strata:t:grp", "shared.test/tagged/late"]) == "1"
+    })
+    .await;
+
+    let v = purge(&a, json!({"tags": ["grp"]})).await;
+    assert_eq!(v["l2_removed"], 1, "{v}");
+    assert_eq!(redis.cli(&["exists", entry]), "0");
+}

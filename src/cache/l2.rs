@@ -206,6 +206,15 @@ impl Write {
     }
 }
 
+/// Why a Redis call gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallFailed {
+    /// No answer in time: the command may still have been carried out.
+    TimedOut,
+    /// Refused, or the connection failed: not carried out, as far as anyone can tell.
+    Error,
+}
+
 /// Outcome of asking for the cross-instance fill lock.
 pub enum Lock {
     /// We hold it; release with [`L2::unlock`].
@@ -460,26 +469,36 @@ impl L2 {
     where
         F: std::future::Future<Output = Result<T, fred::error::Error>>,
     {
+        self.call_or_why(store, command).await.ok()
+    }
+
+    /// [`L2::call`], saying why it failed: a call that timed out may still have been carried out.
+    async fn call_or_why<T, F>(&self, store: &Store, command: F) -> Result<T, CallFailed>
+    where
+        F: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
         // fred's own timeout is not fully cancellation-safe; the outer one bounds us regardless.
         match tokio::time::timeout(self.timeout + Duration::from_millis(5), command).await {
             Ok(Ok(value)) => {
                 store.breaker.success();
-                Some(value)
+                Ok(value)
             }
             Ok(Err(error)) => {
-                if error.kind() == &fred::error::ErrorKind::Timeout {
+                let failed = if error.kind() == &fred::error::ErrorKind::Timeout {
                     self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    CallFailed::TimedOut
                 } else {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                }
+                    CallFailed::Error
+                };
                 tracing::debug!(%error, "Redis call failed");
                 store.breaker.failure();
-                None
+                Err(failed)
             }
             Err(_) => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 store.breaker.failure();
-                None
+                Err(CallFailed::TimedOut)
             }
         }
     }
@@ -633,8 +652,8 @@ impl L2 {
             return false;
         }
         let client = self.command_client(store);
-        let written: Option<()> = self
-            .call(
+        let written: Result<(), CallFailed> = self
+            .call_or_why(
                 store,
                 client.set(
                     self.entry_key(key),
@@ -667,13 +686,16 @@ impl L2 {
             });
             return false;
         }
-        if written.is_none() {
+        // Indexed also when the SET timed out: it may still land, and without its names a tag
+        // purge would miss it until its TTL. A name whose entry never came is harmless (a purge
+        // unlinks a key that is not there) and goes with its set's TTL.
+        if !tags.is_empty() && written != Err(CallFailed::Error) {
+            self.index_tags(store, key, tags, ttl).await;
+        }
+        if written.is_err() {
             return false;
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        if !tags.is_empty() {
-            self.index_tags(store, key, tags, ttl).await;
-        }
         true
     }
 
