@@ -832,3 +832,34 @@ async fn an_entry_whose_set_timed_out_is_still_found_by_a_tag_purge() {
     assert_eq!(v["l2_removed"], 1, "{v}");
     assert_eq!(redis.cli(&["exists", entry]), "0");
 }
+
+/// A POST's invalidation (RFC 9111 §4.4) goes to Redis and the fleet off the response path;
+/// `flush_l2`, which a clean shutdown awaits, waits for it (the shutdown used to cut it off).
+/// Redis holds writes for half a second, so the invalidation is still under way when the POST
+/// has been answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_l2_waits_for_an_unsafe_methods_invalidation() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    expect(&sget(&a, "/inv/posted").await, "MISS", "/inv/posted v1");
+    flush_l2(&a).await;
+    let entry = "strata:e:shared.test/inv/posted";
+    assert_eq!(redis.cli(&["exists", entry]), "1");
+
+    assert_eq!(redis.cli(&["client", "pause", "500", "write"]), "OK");
+    let r = request(
+        "POST",
+        &a.url("/inv/posted"),
+        &[("host", HOST)],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.text());
+    flush_l2(&a).await;
+    assert_eq!(
+        redis.cli(&["exists", entry]),
+        "0",
+        "flush_l2 returned before the invalidation"
+    );
+}

@@ -84,6 +84,9 @@ pub(crate) struct Inner {
     pub(crate) instance: String,
     /// Whether a subscriber has listened to the invalidation channel yet (start-up waits for it).
     pub(crate) subscribed: tokio::sync::watch::Sender<bool>,
+    /// Invalidations by unsafe methods still on their way to Redis and the other instances; a
+    /// clean shutdown waits for them (see [`Proxy::flush_l2`]).
+    pub(crate) invalidations_under_way: tokio::sync::watch::Sender<usize>,
 }
 
 impl Inner {
@@ -275,6 +278,7 @@ impl Proxy {
             unfinished: (0..stores).map(|_| Pending::default()).collect(),
             instance: instance_name(),
             subscribed: tokio::sync::watch::Sender::new(false),
+            invalidations_under_way: tokio::sync::watch::Sender::new(0),
             config,
         }));
         proxy.start_broadcast();
@@ -353,8 +357,12 @@ impl Proxy {
         }
     }
 
-    /// Waits until every queued L2 write has been attempted (tests, and a clean shutdown).
+    /// Waits until the invalidations under way have reached Redis and the other instances, and
+    /// every queued L2 write has been attempted (tests, and a clean shutdown).
     pub async fn flush_l2(&self) {
+        let mut under_way = self.0.invalidations_under_way.subscribe();
+        // The sender lives in `self`: the wait cannot fail.
+        let _ = under_way.wait_for(|count| *count == 0).await;
         if let Some(l2) = self.0.cache.l2() {
             l2.flush().await;
         }
@@ -834,9 +842,18 @@ impl Proxy {
         if self.0.cache.l2().is_none() {
             return;
         }
-        // L2 and the other instances off the response path.
+        // L2 and the other instances off the response path, counted until done: the shutdown
+        // waits for them, or the fleet would keep what this instance's last writes changed.
         let proxy = self.clone();
-        tokio::spawn(async move { proxy.purge_beyond_l1(&purge, now).await });
+        proxy
+            .0
+            .invalidations_under_way
+            .send_modify(|count| *count += 1);
+        tokio::spawn(async move {
+            let under_way = &proxy.0.invalidations_under_way;
+            let _done = OnDrop(|| under_way.send_modify(|count| *count -= 1));
+            proxy.purge_beyond_l1(&purge, now).await;
+        });
     }
 
     /// WebSocket and other protocol switches: forwarded with their `Upgrade`, then both upgraded
@@ -1034,6 +1051,15 @@ impl Proxy {
 }
 
 /// This process's name on the invalidation channel: pid and start time, unique enough for a fleet.
+/// Runs its closure when dropped (a task that ends, or is cancelled, still counts itself out).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 fn instance_name() -> String {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
