@@ -279,15 +279,6 @@ impl Pending {
         }
     }
 
-    /// Whether a waiting purge concerns the entry `key` with `tags`.
-    pub fn concerns(&self, key: &str, tags: &[String]) -> bool {
-        self.purges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|purge| purge.matches(key, tags))
-    }
-
     /// How many purges wait.
     pub fn waiting(&self) -> usize {
         self.purges.lock().unwrap_or_else(|p| p.into_inner()).len()

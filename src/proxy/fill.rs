@@ -102,7 +102,7 @@ impl Proxy {
         let directives = request_directives(&parts.headers);
         if fwd != Fwd::Request {
             let since = permit.purge_generation();
-            let purged = |entry: &Entry| inner.l2_copy_purged(since, &target.key, &entry.tags);
+            let purged = |entry: &Entry| inner.purge_log.overtaken(since, &target.key, &entry.tags);
             if let Some(found) = inner
                 .cache
                 .lookup_l2(&target.key, &parts.headers, purged)
@@ -168,8 +168,11 @@ impl Proxy {
         purge_generation: u64,
     ) -> Option<Arc<Entry>> {
         let inner = &self.0;
-        let purged =
-            |entry: &Entry| inner.l2_copy_purged(purge_generation, &target.key, &entry.tags);
+        let purged = |entry: &Entry| {
+            inner
+                .purge_log
+                .overtaken(purge_generation, &target.key, &entry.tags)
+        };
         let deadline = Instant::now() + inner.config.lock_timeout;
         loop {
             tokio::time::sleep(FLEET_POLL).await;

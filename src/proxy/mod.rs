@@ -89,17 +89,6 @@ pub(crate) struct Inner {
     pub(crate) invalidations_under_way: tokio::sync::watch::Sender<usize>,
 }
 
-impl Inner {
-    /// Whether a copy of `key` (with `tags`) read from Redis must not be used: a purge logged
-    /// since `since` concerns it (it may have been read before the purge deleted it), or a purge
-    /// a Redis store has not taken yet does (a store back from an outage serves what it missed
-    /// until the retry gets there, up to 30 s later).
-    pub(crate) fn l2_copy_purged(&self, since: u64, key: &str, tags: &[String]) -> bool {
-        self.purge_log.overtaken(since, key, tags)
-            || self.unfinished.iter().any(|owed| owed.concerns(key, tags))
-    }
-}
-
 /// A running proxy's shared state; cheap to clone.
 #[derive(Clone)]
 pub struct Proxy(pub(crate) Arc<Inner>);
@@ -626,7 +615,7 @@ impl Proxy {
         directives: &RequestDirectives,
     ) -> Response<ProxyBody> {
         let since = self.0.purge_log.generation();
-        let purged = |entry: &Entry| self.0.l2_copy_purged(since, &target.key, &entry.tags);
+        let purged = |entry: &Entry| self.0.purge_log.overtaken(since, &target.key, &entry.tags);
         if let Some(found) = self
             .0
             .cache
