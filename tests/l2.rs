@@ -886,3 +886,53 @@ async fn a_no_cache_follower_does_not_take_the_leaders_l2_copy() {
     );
     assert_eq!(origin.hits("/reload"), 2);
 }
+
+/// A request with `no-cache` that finds another instance filling the key (its fleet-wide lock
+/// held) does not take that instance's result if the origin produced it before the request came:
+/// it asks the origin itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_cache_leader_does_not_take_an_older_fleet_fill() {
+    let redis = RedisServer::start();
+    let gate = Arc::new(Notify::new());
+    let origin = {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            let reply = if r.hit == 1 {
+                Reply::gated("v1", gate.clone(), " body")
+            } else {
+                Reply::ok(format!("v{} body", r.hit))
+            };
+            reply.cc("max-age=100")
+        })
+        .await
+    };
+    let a = instance(&origin, &redis, &[]).await;
+    let b = instance(&origin, &redis, &[]).await;
+    let on_a = {
+        let url = a.url("/fleet-reload");
+        tokio::spawn(async move { get(&url, &[("host", HOST)]).await })
+    };
+    // A's answer has begun (its copy dates from now); A holds the fill lock until its body ends.
+    origin.wait_hits("/fleet-reload", 1).await;
+    let reload = {
+        let url = b.url("/fleet-reload");
+        tokio::spawn(
+            async move { get(&url, &[("host", HOST), ("cache-control", "no-cache")]).await },
+        )
+    };
+    wait_until("B's no-cache request leads on B", || {
+        b.stats().fills_in_flight == 1
+    })
+    .await;
+    gate.notify_one();
+
+    let on_a = within("A's answer", secs(10), on_a).await.unwrap();
+    expect(&on_a, "MISS", "v1 body");
+    let reload = within("B's answer", secs(10), reload).await.unwrap();
+    assert_eq!(
+        reload.text(),
+        "v2 body",
+        "the no-cache request got {:?}",
+        reload.headers
+    );
+}

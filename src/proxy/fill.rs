@@ -92,6 +92,7 @@ impl Proxy {
         fwd: Fwd,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
+        let arrived = inner.clock.now();
         let Some(l2) = inner.cache.l2().cloned() else {
             return self
                 .fetch_as_leader(parts, target, stored, permit, fwd, FleetLock::none())
@@ -126,7 +127,12 @@ impl Proxy {
             Lock::Acquired(token) => FleetLock::held(l2.clone(), token),
             Lock::Unavailable => FleetLock::none(),
             Lock::Held => {
-                let newer_than = stored.as_ref().map(|entry| entry.response_time);
+                // Another instance's result must be newer than ours; for a request with
+                // no-cache, newer than the request itself (not a copy made before it came).
+                let mut newer_than = stored.as_ref().map(|entry| entry.response_time);
+                if fwd == Fwd::Request {
+                    newer_than = newer_than.max(Some(arrived));
+                }
                 if let Some(entry) = self
                     .await_fleet_fill(
                         &l2,
