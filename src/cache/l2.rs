@@ -209,10 +209,10 @@ impl Write {
 /// Why a Redis call gave no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CallFailed {
-    /// No answer in time: the command may still have been carried out.
-    TimedOut,
-    /// Refused, or the connection failed: not carried out, as far as anyone can tell.
-    Error,
+    /// No answer (in time, or the connection broke): the command may still have been carried out.
+    Unanswered,
+    /// Refused (an error reply, not sent at all): not carried out.
+    Refused,
 }
 
 /// Outcome of asking for the cross-instance fill lock.
@@ -472,7 +472,8 @@ impl L2 {
         self.call_or_why(store, command).await.ok()
     }
 
-    /// [`L2::call`], saying why it failed: a call that timed out may still have been carried out.
+    /// [`L2::call`], saying why it failed: a call that went unanswered may still have been carried
+    /// out.
     async fn call_or_why<T, F>(&self, store: &Store, command: F) -> Result<T, CallFailed>
     where
         F: std::future::Future<Output = Result<T, fred::error::Error>>,
@@ -484,12 +485,21 @@ impl L2 {
                 Ok(value)
             }
             Ok(Err(error)) => {
-                let failed = if error.kind() == &fred::error::ErrorKind::Timeout {
-                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    CallFailed::TimedOut
-                } else {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    CallFailed::Error
+                use fred::error::ErrorKind;
+                let failed = match error.kind() {
+                    ErrorKind::Timeout => {
+                        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        CallFailed::Unanswered
+                    }
+                    // The connection broke or was reset with the command possibly sent.
+                    ErrorKind::IO | ErrorKind::Canceled => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        CallFailed::Unanswered
+                    }
+                    _ => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        CallFailed::Refused
+                    }
                 };
                 tracing::debug!(%error, "Redis call failed");
                 store.breaker.failure();
@@ -498,7 +508,7 @@ impl L2 {
             Err(_) => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 store.breaker.failure();
-                Err(CallFailed::TimedOut)
+                Err(CallFailed::Unanswered)
             }
         }
     }
@@ -686,10 +696,10 @@ impl L2 {
             });
             return false;
         }
-        // Indexed also when the SET timed out: it may still land, and without its names a tag
-        // purge would miss it until its TTL. A name whose entry never came is harmless (a purge
-        // unlinks a key that is not there) and goes with its set's TTL.
-        if !tags.is_empty() && written != Err(CallFailed::Error) {
+        // Indexed also when the SET went unanswered: it may still land, and without its names a
+        // tag purge would miss it until its TTL. A name whose entry never came is harmless (a
+        // purge unlinks a key that is not there) and goes with its set's TTL.
+        if !tags.is_empty() && written != Err(CallFailed::Refused) {
             self.index_tags(store, key, tags, ttl).await;
         }
         if written.is_err() {
@@ -992,14 +1002,35 @@ impl L2 {
             .call_pipeline(store, pipeline)
             .await
             .ok_or(Unfinished)?;
-        let refilled: Vec<String> = members
-            .into_iter()
-            .zip(exists)
-            .filter_map(|(member, exists)| matches!(exists, Ok(n) if n > 0).then_some(member))
-            .collect();
-        if !refilled.is_empty() {
-            let added: Option<i64> = self.call(store, client.sadd(set, refilled)).await;
-            added.ok_or(Unfinished)?;
+        let mut refilled = Vec::new();
+        for (member, exists) in members.into_iter().zip(exists) {
+            match exists {
+                Ok(0) => {}
+                Ok(_) => refilled.push(member),
+                // Unknown (a node that did not answer): the purge is not done there.
+                Err(_) => return Err(Unfinished),
+            }
+        }
+        if refilled.is_empty() {
+            return Ok(());
+        }
+        // The SREM may have emptied the set, and Redis then deleted it with its TTL: the set made
+        // again gets one, as `index_tags` gives a new set (a set without a TTL would never go).
+        let ttl = i64::try_from(TAG_SET_MIN_TTL.as_millis()).unwrap_or(i64::MAX);
+        let pipeline = Pipeline::from(self.command_client(store));
+        let queued: [Result<(), fred::error::Error>; 2] = [
+            pipeline.sadd(set, refilled).await,
+            pipeline.pexpire(set, ttl, Some(ExpireOptions::NX)).await,
+        ];
+        if queued.iter().any(Result::is_err) {
+            return Err(Unfinished);
+        }
+        let replies = self
+            .call_pipeline(store, pipeline)
+            .await
+            .ok_or(Unfinished)?;
+        if replies.iter().any(Result::is_err) {
+            return Err(Unfinished);
         }
         Ok(())
     }
