@@ -833,15 +833,9 @@ impl Proxy {
         }
         // L2 and the other instances off the response path, counted until done: the shutdown
         // waits for them, or the fleet would keep what this instance's last writes changed.
-        let proxy = self.clone();
-        proxy
-            .0
-            .invalidations_under_way
-            .send_modify(|count| *count += 1);
+        let counted = UnderWay::count(self.clone());
         tokio::spawn(async move {
-            let under_way = &proxy.0.invalidations_under_way;
-            let _done = OnDrop(|| under_way.send_modify(|count| *count -= 1));
-            proxy.purge_beyond_l1(&purge, now).await;
+            counted.0.purge_beyond_l1(&purge, now).await;
         });
     }
 
@@ -1040,12 +1034,27 @@ impl Proxy {
 }
 
 /// This process's name on the invalidation channel: pid and start time, unique enough for a fleet.
-/// Runs its closure when dropped (a task that ends, or is cancelled, still counts itself out).
-struct OnDrop<F: FnMut()>(F);
+/// One invalidation under way, counted in `Inner::invalidations_under_way` from its creation to
+/// its drop: made before the task is spawned and moved into it, so a task that ends, is
+/// cancelled, or is dropped before it ever ran still counts itself out.
+struct UnderWay(Proxy);
 
-impl<F: FnMut()> Drop for OnDrop<F> {
+impl UnderWay {
+    fn count(proxy: Proxy) -> UnderWay {
+        proxy
+            .0
+            .invalidations_under_way
+            .send_modify(|count| *count += 1);
+        UnderWay(proxy)
+    }
+}
+
+impl Drop for UnderWay {
     fn drop(&mut self) {
-        (self.0)();
+        self.0
+             .0
+            .invalidations_under_way
+            .send_modify(|count| *count = count.saturating_sub(1));
     }
 }
 
