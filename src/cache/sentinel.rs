@@ -81,13 +81,23 @@ impl Switches {
         Announced::Follow(generation)
     }
 
-    /// After an [`Announced::Unsure`] switch to `to`, which a sentinel confirmed is the master now:
-    /// the generation to follow it under, or `None` if it is being followed already.
-    fn confirmed(&self, to: &Address) -> Option<u64> {
+    /// The generation of the switch followed last (0: none yet).
+    fn generation(&self) -> u64 {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().map_or(0, |(_, generation)| *generation)
+    }
+
+    /// After an [`Announced::Unsure`] switch to `to`, which the sentinels confirmed is the master
+    /// now, asked while `seen` was the last switch followed: the generation to follow it under, or
+    /// `None` if it is followed already or a switch followed since supersedes the answer (asking
+    /// takes seconds; an older answer arriving last must not move the clients back).
+    fn confirmed(&self, to: &Address, seen: u64) -> Option<u64> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let generation = match &*current {
+            Some((_, generation)) if *generation != seen => return None,
             Some((master, _)) if master == to => return None,
             Some((_, generation)) => generation + 1,
+            None if seen != 0 => return None,
             None => 1,
         };
         *current = Some((to.clone(), generation));
@@ -200,6 +210,7 @@ impl Following {
     /// late announcement of an older switch comes from the sentinel most likely behind.
     fn confirm_then_follow(&self, to: Address) {
         let following = self.clone();
+        let seen = self.last.generation();
         tokio::spawn(async move {
             let named = join_all(
                 following
@@ -212,7 +223,7 @@ impl Following {
                 tracing::debug!(host = %to.0, port = to.1, ?named, "Sentinel announcement not confirmed; ignored");
                 return;
             }
-            if let Some(generation) = following.last.confirmed(&to) {
+            if let Some(generation) = following.last.confirmed(&to, seen) {
                 following.follow(to, generation);
             }
         });
@@ -298,7 +309,10 @@ async fn named_master(sentinel: &Config, service: &str) -> Option<Address> {
         .await
         .ok()
         .flatten();
-    let _ = tokio::time::timeout(RECONNECT_LIMIT, asking.quit()).await;
+    // Not awaited here: the answer is what the caller waits for.
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(RECONNECT_LIMIT, asking.quit()).await;
+    });
     named
 }
 
@@ -461,12 +475,16 @@ mod tests {
         assert_eq!(switches.record(&a, &b), Announced::Follow(1));
         // b → c was missed; c → d does not start where the last followed switch ended.
         assert_eq!(switches.record(&c, &d), Announced::Unsure);
-        // A sentinel names d: followed, once (another sentinel's confirmation finds it done).
-        assert_eq!(switches.confirmed(&d), Some(2));
-        assert_eq!(switches.confirmed(&d), None);
+        // The sentinels name d: followed, once (another listener's confirmation finds it done).
+        let seen = switches.generation();
+        assert_eq!(switches.confirmed(&d, seen), Some(2));
+        assert_eq!(switches.confirmed(&d, seen), None);
         assert!(switches.is_current(2));
         // And the switches after it are followed as usual.
         assert_eq!(switches.record(&c, &d), Announced::Repeat);
         assert_eq!(switches.record(&d, &a), Announced::Follow(3));
+        // A confirmation asked before that switch, answered after it, changes nothing.
+        assert_eq!(switches.confirmed(&b, seen), None);
+        assert!(switches.is_current(3));
     }
 }
