@@ -936,3 +936,30 @@ async fn a_no_cache_leader_does_not_take_an_older_fleet_fill() {
         reload.headers
     );
 }
+
+/// An instance that has not seen a varying URL yet learns its vary record from Redis even when
+/// the request's own variant is not there, so a signed-in user's `private` answer marks only that
+/// variant: the anonymous variant another instance stored is still a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncacheable_variant_on_a_fresh_instance_leaves_the_stored_ones_reachable() {
+    let redis = RedisServer::start();
+    let origin = MockOrigin::start(|r| {
+        let reply = if r.header("cookie").is_some() {
+            Reply::ok("yours").cc("private, max-age=60")
+        } else {
+            Reply::ok("everyone's").cc("public, max-age=60")
+        };
+        reply.header("vary", "Cookie")
+    })
+    .await;
+    let a = instance(&origin, &redis, &[]).await;
+    expect(&sget(&a, "/front").await, "MISS", "everyone's");
+    flush_l2(&a).await;
+
+    let b = instance(&origin, &redis, &[]).await;
+    let signed_in = [("cookie", "session=7")];
+    expect(&sget_with(&b, "/front", &signed_in).await, "MISS", "yours");
+    expect(&sget(&b, "/front").await, "HIT-L2", "everyone's");
+    expect(&sget(&b, "/front").await, "HIT-L1", "everyone's");
+    assert_eq!(origin.hits("/front"), 2);
+}

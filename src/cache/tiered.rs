@@ -135,15 +135,18 @@ impl Cache {
             Slot::Entry(_) | Slot::Pass(_) => None,
             Slot::Vary(record) => {
                 let variant = variant_key(key, record.nonce, &record.names, request_headers);
+                // The record goes to L1 even when this request's variant is not stored: through
+                // it, an uncacheable answer for this variant marks only the variant (see
+                // `mark_pass`) instead of the whole URL, hiding the variants stored in Redis.
+                let same_record = matches!(self.l1.get(key), Some(Slot::Vary(local)) if local.nonce == record.nonce);
+                if !same_record {
+                    self.l1.insert(key.to_string(), Slot::Vary(record));
+                }
                 let Slot::Entry(entry) = l2.get(&variant).await? else {
                     return None;
                 };
                 if !entry.matches_variant(request_headers) || purged(&entry) {
                     return None;
-                }
-                let same_record = matches!(self.l1.get(key), Some(Slot::Vary(local)) if local.nonce == record.nonce);
-                if !same_record {
-                    self.l1.insert(key.to_string(), Slot::Vary(record));
                 }
                 self.l1.insert(variant.clone(), Slot::Entry(entry.clone()));
                 if purged(&entry) {
