@@ -210,9 +210,13 @@ impl PurgeLog {
 const PENDING_CAPACITY: usize = 10_000;
 /// How often purges Redis missed (not published, or not done on a store) are tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(250);
-/// The longest pause between tries of a store that keeps failing a purge (the pause doubles from
-/// `RETRY_EVERY` on each failed round).
+/// The longest pause between tries of a store that answers but keeps failing a purge (the pause
+/// doubles from `RETRY_EVERY` on each failed round): a retry may scan a large keyspace.
 const RETRY_PAUSE_LIMIT: Duration = Duration::from_secs(30);
+/// The longest pause while the store does not answer at all (a `PING` costs nothing): once it is
+/// back, and its breaker lets reads through again, it may serve what it owes until the retry
+/// gets there, so the retry must not lag far behind.
+const DOWN_PAUSE_LIMIT: Duration = Duration::from_secs(1);
 
 /// What travels on the channel, after the sequence number.
 #[derive(Serialize, Deserialize)]
@@ -448,28 +452,37 @@ async fn retry_store(inner: Weak<Inner>, index: usize) {
     loop {
         tokio::time::sleep(pause).await;
         let Some(inner) = inner.upgrade() else { return };
-        pause = if finish_unfinished(&inner, index).await {
-            RETRY_EVERY
-        } else {
-            (pause * 2).min(RETRY_PAUSE_LIMIT)
+        pause = match finish_unfinished(&inner, index).await {
+            Round::Done => RETRY_EVERY,
+            Round::StoreDown => (pause * 2).min(DOWN_PAUSE_LIMIT),
+            Round::PurgeFailed => (pause * 2).min(RETRY_PAUSE_LIMIT),
         };
     }
+}
+
+/// How a round of owed purges ended.
+enum Round {
+    /// Nothing owed any more (for now).
+    Done,
+    /// The store did not answer `PING`.
+    StoreDown,
+    /// The store answered, but a purge failed there again.
+    PurgeFailed,
 }
 
 /// One round over the purges store `index` missed, once it answers `PING`: each is done there, then
 /// applied to this L1 again and published again, since while the store held the old copy, this or
 /// another instance may have put it back in its L1 (a read that began after the purge was logged
 /// is not refused). A purge that fails again goes to the back of the queue and ends the round.
-/// False when the round ended on a failure.
-async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
+async fn finish_unfinished(inner: &Inner, index: usize) -> Round {
     let (Some(l2), Some(queue)) = (inner.cache.l2(), inner.unfinished.get(index)) else {
-        return true;
+        return Round::Done;
     };
     if queue.waiting() == 0 {
-        return true;
+        return Round::Done;
     }
     if !l2.store_answers(index).await {
-        return false;
+        return Round::StoreDown;
     }
     // Each purge waiting now, once (those queued meanwhile wait for the next round).
     for _ in 0..queue.waiting() {
@@ -480,7 +493,7 @@ async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
             .is_err()
         {
             queue.requeue(&purge);
-            return false;
+            return Round::PurgeFailed;
         }
         queue.pop(&purge);
         apply_and_publish_again(inner, purge).await;
@@ -489,7 +502,7 @@ async fn finish_unfinished(inner: &Inner, index: usize) -> bool {
             "a purge a Redis store missed is now done there, and published again"
         );
     }
-    true
+    Round::Done
 }
 
 /// Publishes, in order, the purges Redis missed, after applying each to L2 (which was down too).
