@@ -52,6 +52,9 @@ struct Switches {
     /// The announced master, and how many switches were followed (so a move that a later switch
     /// superseded stops).
     current: Mutex<Option<(Address, u64)>>,
+    /// Masters whose unsure announcement the sentinels are being asked about now: every sentinel
+    /// announces the same switch, and one confirmation answers for all of them.
+    confirming: Mutex<Vec<Address>>,
 }
 
 /// What to make of an announced switch.
@@ -102,6 +105,21 @@ impl Switches {
         };
         *current = Some((to.clone(), generation));
         Some(generation)
+    }
+
+    /// Starts confirming a switch to `to`; `false` if a confirmation of it is under way already.
+    fn begin_confirming(&self, to: &Address) -> bool {
+        let mut confirming = self.confirming.lock().unwrap_or_else(|p| p.into_inner());
+        if confirming.contains(to) {
+            return false;
+        }
+        confirming.push(to.clone());
+        true
+    }
+
+    fn end_confirming(&self, to: &Address) {
+        let mut confirming = self.confirming.lock().unwrap_or_else(|p| p.into_inner());
+        confirming.retain(|master| master != to);
     }
 
     /// Whether `generation` is still the switch to follow.
@@ -209,6 +227,9 @@ impl Following {
     /// of the store's sentinels name `to` now. The announcing sentinel alone would not do: a
     /// late announcement of an older switch comes from the sentinel most likely behind.
     fn confirm_then_follow(&self, to: Address) {
+        if !self.last.begin_confirming(&to) {
+            return;
+        }
         let following = self.clone();
         let seen = self.last.generation();
         tokio::spawn(async move {
@@ -219,6 +240,7 @@ impl Following {
                     .map(|sentinel| named_master(sentinel, &following.service)),
             )
             .await;
+            following.last.end_confirming(&to);
             if !named_by_most(&named, &to) {
                 tracing::debug!(host = %to.0, port = to.1, ?named, "Sentinel announcement not confirmed; ignored");
                 return;
@@ -446,6 +468,20 @@ mod tests {
         // asked, name c, and nothing changes.
         assert_eq!(switches.record(&a, &b), Announced::Unsure);
         assert!(switches.is_current(2));
+    }
+
+    #[test]
+    fn one_confirmation_at_a_time_per_master() {
+        let switches = Switches::default();
+        let (b, c) = (address("b", 2), address("c", 3));
+        assert!(switches.begin_confirming(&b));
+        assert!(
+            !switches.begin_confirming(&b),
+            "the other sentinels' announcements"
+        );
+        assert!(switches.begin_confirming(&c));
+        switches.end_confirming(&b);
+        assert!(switches.begin_confirming(&b));
     }
 
     #[test]
