@@ -406,17 +406,12 @@ impl Config {
                         format!("expected 0 to {MAX_ORIGIN_IDLE}"),
                     )
                 })?,
-            origin_max_conns: match raw.origin_max_conns.trim().parse::<usize>() {
-                Ok(0) => None,
-                Ok(n) if n <= MAX_ORIGIN_CONNS => Some(n),
-                _ => {
-                    return Err(ConfigError::invalid(
-                        ORIGIN_MAX_CONNS,
-                        &raw.origin_max_conns,
-                        format!("expected 0 (no limit) to {MAX_ORIGIN_CONNS}"),
-                    ))
-                }
-            },
+            origin_max_conns: parse_count_or_zero(
+                ORIGIN_MAX_CONNS,
+                &raw.origin_max_conns,
+                MAX_ORIGIN_CONNS,
+                "no limit",
+            )?,
             shutdown_timeout: parse_duration(SHUTDOWN_TIMEOUT, &raw.shutdown_timeout)?,
             tunnel_idle_timeout: parse_positive_duration(
                 TUNNEL_IDLE_TIMEOUT,
@@ -426,17 +421,12 @@ impl Config {
                 CLIENT_HEADER_TIMEOUT,
                 &raw.client_header_timeout,
             )?,
-            worker_threads: match raw.worker_threads.trim().parse::<usize>() {
-                Ok(0) => None,
-                Ok(n) if n <= MAX_WORKER_THREADS => Some(n),
-                _ => {
-                    return Err(ConfigError::invalid(
-                        WORKER_THREADS,
-                        &raw.worker_threads,
-                        format!("expected 0 (one per CPU) to {MAX_WORKER_THREADS}"),
-                    ))
-                }
-            },
+            worker_threads: parse_count_or_zero(
+                WORKER_THREADS,
+                &raw.worker_threads,
+                MAX_WORKER_THREADS,
+                "one per CPU",
+            )?,
             log_format: match raw.log_format.to_ascii_lowercase().as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -449,6 +439,24 @@ impl Config {
                 }
             },
         })
+    }
+}
+
+/// A count from 1 to `max`, or 0 (`None`), which stands for `zero_means` (said in the error).
+fn parse_count_or_zero(
+    var: &'static str,
+    value: &str,
+    max: usize,
+    zero_means: &str,
+) -> Result<Option<usize>, ConfigError> {
+    match value.trim().parse::<usize>() {
+        Ok(0) => Ok(None),
+        Ok(n) if n <= max => Ok(Some(n)),
+        _ => Err(ConfigError::invalid(
+            var,
+            value,
+            format!("expected 0 ({zero_means}) to {max}"),
+        )),
     }
 }
 

@@ -930,11 +930,7 @@ impl L2 {
                     client.scan(pattern, count, None).boxed()
                 };
                 while let Some(page) = pages.next().await {
-                    let mut page = ScanPage(Some(page.map_err(|error| {
-                        tracing::warn!(%error, "SCAN failed during a purge");
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        Unfinished
-                    })?));
+                    let mut page = self.scan_page(page, "SCAN")?;
                     let keys = page.take_keys();
                     if !keys.is_empty() {
                         concerned += self.remove(store, keys, purge.soft, now).await?;
@@ -953,11 +949,7 @@ impl L2 {
                         .sscan(set.as_str(), "*", Some(PURGE_BATCH as u32))
                         .boxed();
                     while let Some(page) = pages.next().await {
-                        let mut page = ScanPage(Some(page.map_err(|error| {
-                            tracing::warn!(%error, "SSCAN failed during a purge");
-                            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                            Unfinished
-                        })?));
+                        let mut page = self.scan_page(page, "SSCAN")?;
                         let members = page.take_members();
                         if !members.is_empty() {
                             let keys = members.iter().map(|m| self.entry_key(m)).collect();
@@ -976,6 +968,22 @@ impl L2 {
             }
         }
         Ok(concerned)
+    }
+
+    /// A page of a purge's `command` (SCAN, SSCAN), or the purge left unfinished (counted, logged).
+    fn scan_page<S: Scanner>(
+        &self,
+        page: Result<S, fred::error::Error>,
+        command: &str,
+    ) -> Result<ScanPage<S>, Unfinished> {
+        match page {
+            Ok(page) => Ok(ScanPage(Some(page))),
+            Err(error) => {
+                tracing::warn!(%error, command, "scan failed during a purge");
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(Unfinished)
+            }
+        }
     }
 
     /// Removes purged entries' names from a tag's set (an emptied set goes with its last member),
