@@ -177,18 +177,9 @@ async fn followers_go_to_the_origin_after_cache_lock_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_does_not_take_a_copy_older_than_its_max_age() {
     let gate = Arc::new(Notify::new());
-    let origin = {
-        let gate = gate.clone();
-        MockOrigin::start(move |r| {
-            let reply = if r.hit == 1 {
-                Reply::gated("v1", gate.clone(), " body")
-            } else {
-                Reply::ok(format!("v{} body", r.hit))
-            };
-            reply.cc("max-age=100").header("age", "30")
-        })
-        .await
-    };
+    let origin =
+        MockOrigin::first_answer_held(&gate, |reply| reply.cc("max-age=100").header("age", "30"))
+            .await;
     let proxy = TestProxy::start(&origin.url(), &[]).await;
 
     let plain = {

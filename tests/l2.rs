@@ -660,15 +660,7 @@ async fn uncacheable_urls_skip_redis_after_the_first_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncacheable_variant_is_passed_alone() {
     let redis = RedisServer::start();
-    let origin = MockOrigin::start(|r| {
-        let reply = if r.header("cookie").is_some() {
-            Reply::ok("yours").cc("private, max-age=60")
-        } else {
-            Reply::ok("everyone's").cc("public, max-age=60")
-        };
-        reply.header("vary", "Cookie")
-    })
-    .await;
+    let origin = MockOrigin::varying_on_cookie().await;
     let proxy = instance(&origin, &redis, &[]).await;
     let signed_in = [("cookie", "session=42")];
     let calls = |redis: &RedisServer| {
@@ -843,18 +835,7 @@ async fn request_max_age_and_min_fresh_bound_the_l2_copy_served() {
 async fn a_no_cache_follower_does_not_take_the_leaders_l2_copy() {
     let redis = RedisServer::start();
     let gate = Arc::new(Notify::new());
-    let origin = {
-        let gate = gate.clone();
-        MockOrigin::start(move |r| {
-            let reply = if r.hit == 1 {
-                Reply::gated("v1", gate.clone(), " body")
-            } else {
-                Reply::ok(format!("v{} body", r.hit))
-            };
-            reply.cc("max-age=100")
-        })
-        .await
-    };
+    let origin = MockOrigin::first_answer_held(&gate, |reply| reply.cc("max-age=100")).await;
     let a = instance(&origin, &redis, &[]).await;
     let b = instance(&origin, &redis, &[]).await;
     let get_on = |proxy: &TestProxy, headers: &'static [(&'static str, &'static str)]| {
@@ -894,18 +875,7 @@ async fn a_no_cache_follower_does_not_take_the_leaders_l2_copy() {
 async fn a_no_cache_leader_does_not_take_an_older_fleet_fill() {
     let redis = RedisServer::start();
     let gate = Arc::new(Notify::new());
-    let origin = {
-        let gate = gate.clone();
-        MockOrigin::start(move |r| {
-            let reply = if r.hit == 1 {
-                Reply::gated("v1", gate.clone(), " body")
-            } else {
-                Reply::ok(format!("v{} body", r.hit))
-            };
-            reply.cc("max-age=100")
-        })
-        .await
-    };
+    let origin = MockOrigin::first_answer_held(&gate, |reply| reply.cc("max-age=100")).await;
     let a = instance(&origin, &redis, &[]).await;
     let b = instance(&origin, &redis, &[]).await;
     let on_a = {
@@ -943,15 +913,7 @@ async fn a_no_cache_leader_does_not_take_an_older_fleet_fill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncacheable_variant_on_a_fresh_instance_leaves_the_stored_ones_reachable() {
     let redis = RedisServer::start();
-    let origin = MockOrigin::start(|r| {
-        let reply = if r.header("cookie").is_some() {
-            Reply::ok("yours").cc("private, max-age=60")
-        } else {
-            Reply::ok("everyone's").cc("public, max-age=60")
-        };
-        reply.header("vary", "Cookie")
-    })
-    .await;
+    let origin = MockOrigin::varying_on_cookie().await;
     let a = instance(&origin, &redis, &[]).await;
     expect(&sget(&a, "/front").await, "MISS", "everyone's");
     flush_l2(&a).await;

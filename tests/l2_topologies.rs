@@ -23,6 +23,20 @@ async fn path_origin() -> MockOrigin {
     MockOrigin::start(|r| Reply::ok(format!("body of {}", r.path)).cc("max-age=300")).await
 }
 
+/// POST /purge with `body` on `proxy` (no admin token in these tests); asserts 200 and returns
+/// the reply.
+async fn purge_on(proxy: &TestProxy, body: &str) -> serde_json::Value {
+    let purged = request(
+        "POST",
+        &proxy.admin_url("/purge"),
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    serde_json::from_str(&purged.text()).unwrap()
+}
+
 /// Every answer seen while a topology changes: anything but `200 body of {path}` is a failure.
 #[derive(Default)]
 struct Answers {
@@ -350,15 +364,7 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
 
     // A pattern purge reaches every master: SCAN on each, the UNLINKs of a page in one pipeline
     // that the client routes key by key.
-    let purged = request(
-        "POST",
-        &a.admin_url("/purge"),
-        &[("content-type", "application/json")],
-        r#"{"pattern": "*/spread/*"}"#,
-    )
-    .await;
-    assert_eq!(purged.status, 200, "{}", purged.text());
-    let reply: serde_json::Value = serde_json::from_str(&purged.text()).unwrap();
+    let reply = purge_on(&a, r#"{"pattern": "*/spread/*"}"#).await;
     assert_eq!(
         (&reply["l2_removed"], &reply["l2_pending"]),
         (&serde_json::json!(30), &serde_json::json!(false)),
@@ -383,15 +389,7 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
     flush_l2(&a).await;
     let set = "strata:t:cluster-tag";
     assert!(cluster.exists(set), "the tag's set");
-    let purged = request(
-        "POST",
-        &a.admin_url("/purge"),
-        &[("content-type", "application/json")],
-        r#"{"tags": ["cluster-tag"]}"#,
-    )
-    .await;
-    assert_eq!(purged.status, 200, "{}", purged.text());
-    let reply: serde_json::Value = serde_json::from_str(&purged.text()).unwrap();
+    let reply = purge_on(&a, r#"{"tags": ["cluster-tag"]}"#).await;
     assert_eq!(
         (&reply["l2_removed"], &reply["l2_pending"]),
         (&serde_json::json!(10), &serde_json::json!(false)),

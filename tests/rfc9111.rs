@@ -257,15 +257,7 @@ async fn vary_variants_are_stored_side_by_side() {
 /// record through which its variants are found).
 #[tokio::test]
 async fn an_uncacheable_variant_leaves_the_stored_ones_reachable() {
-    let origin = MockOrigin::start(|r| {
-        let reply = if r.header("cookie").is_some() {
-            Reply::ok("yours").cc("private, max-age=60")
-        } else {
-            Reply::ok("everyone's").cc("public, max-age=60")
-        };
-        reply.header("vary", "Cookie")
-    })
-    .await;
+    let origin = MockOrigin::varying_on_cookie().await;
     let proxy = TestProxy::start(&origin.url(), &[]).await;
     let url = proxy.url("/home");
     let signed_in = [("cookie", "session=42")];

@@ -345,6 +345,35 @@ impl MockOrigin {
         MockOrigin::start(move |_| Reply::ok(body).cc(cache_control)).await
     }
 
+    /// Origin answering under `Vary: Cookie`: `yours` (`private`) to a request with a cookie, as
+    /// for a signed-in user, and `everyone's` (`public`) to one without; both `max-age=60`.
+    pub async fn varying_on_cookie() -> MockOrigin {
+        MockOrigin::start(|r| {
+            let reply = if r.header("cookie").is_some() {
+                Reply::ok("yours").cc("private, max-age=60")
+            } else {
+                Reply::ok("everyone's").cc("public, max-age=60")
+            };
+            reply.header("vary", "Cookie")
+        })
+        .await
+    }
+
+    /// Origin that holds back its first answer for a path: `v1` goes out at once, ` body` only
+    /// once `gate` is notified. Later answers are `v{n} body` at once. `shape` sets the rest of
+    /// every answer (Cache-Control, other fields).
+    pub async fn first_answer_held(gate: &Arc<Notify>, shape: fn(Reply) -> Reply) -> MockOrigin {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            shape(if r.hit == 1 {
+                Reply::gated("v1", gate.clone(), " body")
+            } else {
+                Reply::ok(format!("v{} body", r.hit))
+            })
+        })
+        .await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
