@@ -1033,7 +1033,6 @@ impl Proxy {
     }
 }
 
-/// This process's name on the invalidation channel: pid and start time, unique enough for a fleet.
 /// One invalidation under way, counted in `Inner::invalidations_under_way` from its creation to
 /// its drop: made before the task is spawned and moved into it, so a task that ends, is
 /// cancelled, or is dropped before it ever ran still counts itself out.
@@ -1058,6 +1057,7 @@ impl Drop for UnderWay {
     }
 }
 
+/// This process's name on the invalidation channel: pid and start time, unique enough for a fleet.
 fn instance_name() -> String {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
