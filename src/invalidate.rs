@@ -11,7 +11,7 @@
 //! when the store answers again, then applied to L1 and published once more: while the store held
 //! the old copy, any instance may have put it back in its L1.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -25,10 +25,11 @@ use crate::cache::l2::{Retraction, SentWrite};
 use crate::metrics::Stats;
 use crate::proxy::{Inner, Proxy};
 
-/// Purges remembered for the generation check; a fill older than the oldest of them is refused.
-const LOG_CAPACITY: usize = 1024;
+/// Distinct purges remembered for the generation check; a fill older than the newest one forgotten
+/// is refused. A purge repeated (every write to one URL invalidates it) takes one place.
+const LOG_CAPACITY: usize = 4096;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Selector {
     /// One cache key (`host/path?query`), all its variants.
     Key(String),
@@ -123,7 +124,14 @@ impl Purge {
 
     /// Whether an entry stored under `key` (the URL's primary key) with `tags` is concerned.
     pub fn matches(&self, key: &str, tags: &[String]) -> bool {
-        match &self.selector {
+        self.selector.matches(key, tags)
+    }
+}
+
+impl Selector {
+    /// Whether an entry stored under `key` (the URL's primary key) with `tags` is selected.
+    pub fn matches(&self, key: &str, tags: &[String]) -> bool {
+        match self {
             Selector::Key(purged) => purged == key,
             Selector::Pattern(pattern) => glob_match(pattern, key),
             Selector::Tags(purged) => purged.iter().any(|tag| tags.contains(tag)),
@@ -167,8 +175,24 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 #[derive(Default)]
 pub struct PurgeLog {
     generation: AtomicU64,
-    // std Mutex: held for a push or a scan of at most LOG_CAPACITY items, never across an .await.
-    recent: Mutex<VecDeque<(u64, Purge)>>,
+    // std Mutex: held for a record or a scan of the purges newer than one fill, never across an
+    // .await.
+    recent: Mutex<Recent>,
+}
+
+/// What the log remembers. Only whether a purge matching an entry came after a fill began
+/// matters, so of a selector recorded several times only the latest record is kept: a write-heavy
+/// URL (each successful POST invalidates it) takes one place instead of pushing every other purge
+/// out, which would make every fill under way look overtaken.
+#[derive(Default)]
+struct Recent {
+    /// Each selector once, at the generation it was last recorded, oldest first.
+    purges: VecDeque<(u64, Selector)>,
+    /// Where each selector is in `purges` (by generation).
+    latest: HashMap<Selector, u64>,
+    /// The generation of the newest purge forgotten (capacity): a fill from before it may have
+    /// been overtaken by it.
+    forgotten_through: u64,
 }
 
 impl PurgeLog {
@@ -180,28 +204,44 @@ impl PurgeLog {
     /// Logs a purge; returns its generation (fills that began before it remember a lower one).
     pub fn record(&self, purge: &Purge) -> u64 {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = &mut *recent;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        if recent.len() == LOG_CAPACITY {
-            recent.pop_front();
+        if let Some(previous) = recent.latest.insert(purge.selector.clone(), generation) {
+            // Sorted by generation: found by bisection; most often near the back.
+            if let Ok(at) = recent
+                .purges
+                .binary_search_by_key(&previous, |(generation, _)| *generation)
+            {
+                recent.purges.remove(at);
+            }
         }
-        recent.push_back((generation, purge.clone()));
+        if recent.purges.len() >= LOG_CAPACITY {
+            if let Some((forgotten, selector)) = recent.purges.pop_front() {
+                recent.latest.remove(&selector);
+                recent.forgotten_through = forgotten;
+            }
+        }
+        recent
+            .purges
+            .push_back((generation, purge.selector.clone()));
         generation
     }
 
-    /// Whether a purge recorded after `since` concerns `key`/`tags`. A fill older than everything
-    /// the log still remembers is treated as overtaken (refusing to store is always safe).
+    /// Whether a purge recorded after `since` concerns `key`/`tags`. A fill from before a purge
+    /// the log has forgotten is treated as overtaken (refusing to store is always safe). Looks at
+    /// the purges newer than `since` only.
     pub fn overtaken(&self, since: u64, key: &str, tags: &[String]) -> bool {
         if self.generation() == since {
             return false;
         }
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        match recent.front() {
-            Some((oldest, _)) if *oldest > since + 1 => true,
-            _ => recent
+        recent.forgotten_through > since
+            || recent
+                .purges
                 .iter()
-                .filter(|(generation, _)| *generation > since)
-                .any(|(_, purge)| purge.matches(key, tags)),
-        }
+                .rev()
+                .take_while(|(generation, _)| *generation > since)
+                .any(|(_, selector)| selector.matches(key, tags))
     }
 }
 
@@ -807,5 +847,40 @@ mod tests {
         });
         assert!(log.overtaken(start, "h/a", &["t".into()]));
         assert!(!log.overtaken(log.generation(), "h/a", &["t".into()]));
+    }
+
+    #[test]
+    fn a_purge_repeated_past_the_capacity_forgets_nothing() {
+        let log = PurgeLog::default();
+        log.record(&key("h/b"));
+        let start = log.generation();
+        log.record(&key("h/c"));
+        for _ in 0..LOG_CAPACITY + 10 {
+            log.record(&key("h/a"));
+        }
+        let mid = log.generation() - 1;
+        assert!(log.overtaken(start, "h/a", &[]));
+        assert!(log.overtaken(start, "h/c", &[]), "h/c is still remembered");
+        assert!(
+            !log.overtaken(start, "h/b", &[]),
+            "h/b came before the fill"
+        );
+        assert!(!log.overtaken(start, "h/x", &[]), "nothing was forgotten");
+        assert!(log.overtaken(mid, "h/a", &[]), "its latest record counts");
+        assert!(!log.overtaken(mid, "h/c", &[]));
+    }
+
+    #[test]
+    fn a_fill_older_than_a_forgotten_purge_is_overtaken() {
+        let log = PurgeLog::default();
+        let start = log.generation();
+        for n in 0..LOG_CAPACITY + 1 {
+            log.record(&key(&format!("h/{n}")));
+        }
+        // h/0 was forgotten: a fill from before it cannot know whether it concerned it.
+        assert!(log.overtaken(start, "h/unrelated", &[]));
+        let after_first = start + 1;
+        assert!(!log.overtaken(after_first, "h/unrelated", &[]));
+        assert!(log.overtaken(after_first, "h/1", &[]));
     }
 }

@@ -890,6 +890,41 @@ async fn unsafe_methods_invalidate_the_url() {
 }
 
 #[tokio::test]
+async fn a_busy_write_endpoint_does_not_stop_other_fills_from_being_stored() {
+    // Each successful POST invalidates its URL, and a fill that a purge overtook is not stored.
+    // Thousands of writes to one URL are one purge as far as other URLs are concerned: a slow
+    // fill elsewhere, under way meanwhile, is still stored.
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = gate.clone();
+    let origin = MockOrigin::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/slow") if r.hit == 1 => {
+            Reply::gated("v1", held.clone(), " body").cc("max-age=60")
+        }
+        ("GET", _) => Reply::ok(format!("v{} body", r.hit)).cc("max-age=60"),
+        _ => Reply::ok("done"),
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let slow_url = proxy.url("/slow");
+    let slow = tokio::spawn(async move { get(&slow_url, &[]).await });
+    origin.wait_hits("/slow", 1).await;
+    let events = proxy.url("/events");
+    for _ in 0..5_000 {
+        assert_eq!(request("POST", &events, &[], "x").await.status, 200);
+    }
+    gate.notify_one();
+    let first = slow.await.unwrap();
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(first.text(), "v1 body");
+
+    let r = get(&proxy.url("/slow"), &[]).await;
+    assert_eq!(r.x_cache(), "HIT-L1", "the slow fill was stored");
+    assert_eq!(r.text(), "v1 body");
+    assert_eq!(origin.hits("/slow"), 1);
+}
+
+#[tokio::test]
 async fn unsafe_methods_invalidate_same_host_location_but_not_on_error() {
     let origin = MockOrigin::start(|r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", _) => Reply::ok(format!("{}#{}", r.path, r.hit)).cc("max-age=60"),
