@@ -15,7 +15,7 @@
 //! reconnection): every command carries fail-fast options with `REDIS_TIMEOUT`, an outer
 //! `tokio::time::timeout` backs them, and the client reconnects with exponential backoff forever.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -333,8 +333,8 @@ pub struct L2 {
     instance: String,
     /// Purges logged here, which a fill's write must not undo.
     purges: Arc<PurgeLog>,
-    /// Values written lately, oldest first (see [`L2::retract_overtaken`]).
-    sent: Mutex<VecDeque<SentWrite>>,
+    /// Values written lately (see [`L2::retract_overtaken`]).
+    sent: Mutex<SentWrites>,
     retractions: mpsc::UnboundedSender<Retraction>,
     /// The receiving end, until the invalidation side takes it ([`L2::take_retractions`]).
     retractions_rx: Mutex<Option<mpsc::UnboundedReceiver<Retraction>>>,
@@ -396,7 +396,7 @@ impl L2 {
             lock_counter: AtomicU64::new(0),
             instance: instance_id(),
             purges,
-            sent: Mutex::new(VecDeque::new()),
+            sent: Mutex::new(SentWrites::default()),
             retractions,
             retractions_rx: Mutex::new(Some(retractions_rx)),
             stats: L2Stats::default(),
@@ -752,12 +752,10 @@ impl L2 {
     }
 
     fn remember(&self, write: SentWrite) {
-        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        forget_expired(&mut sent);
-        if sent.len() >= SENT_WRITES_CAPACITY {
-            sent.pop_front();
-        }
-        sent.push_back(write);
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(write);
     }
 
     fn retract(&self, retraction: Retraction) {
@@ -778,19 +776,11 @@ impl L2 {
     /// which it concerns. That instance deleted on Redis before it announced the purge, so a write
     /// that landed before the announcement may have landed after the deletion.
     pub fn retract_overtaken(&self, purge: &Purge, generation: u64) {
-        let mut overtaken = Vec::new();
-        {
-            let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-            forget_expired(&mut sent);
-            sent.retain(|write| {
-                let concerned =
-                    write.since < generation && purge.matches(primary_key(&write.key), &write.tags);
-                if concerned {
-                    overtaken.push(write.clone());
-                }
-                !concerned
-            });
-        }
+        let overtaken = self
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_overtaken(purge, generation);
         if !overtaken.is_empty() {
             self.retract(Retraction {
                 writes: overtaken,
@@ -1278,12 +1268,74 @@ impl L2 {
 const INLINE_CODEC_LIMIT: usize = 64 * 1024;
 
 /// Drops the remembered writes older than `SENT_WRITES_KEPT` (they are oldest first).
-fn forget_expired(sent: &mut VecDeque<SentWrite>) {
-    while sent
-        .front()
-        .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
-    {
-        sent.pop_front();
+/// The values written lately, oldest first, for `SENT_WRITES_KEPT` and `SENT_WRITES_CAPACITY` at
+/// most, and how many of them each URL has: every purge heard of is checked against them, and
+/// the purge of one URL (which each successful write request to it sends) looks its URL up
+/// instead of going through them all.
+#[derive(Default)]
+struct SentWrites {
+    writes: VecDeque<SentWrite>,
+    per_url: HashMap<String, usize>,
+}
+
+impl SentWrites {
+    fn push(&mut self, write: SentWrite) {
+        self.forget_expired();
+        if self.writes.len() >= SENT_WRITES_CAPACITY {
+            self.pop_oldest();
+        }
+        *self
+            .per_url
+            .entry(primary_key(&write.key).to_string())
+            .or_default() += 1;
+        self.writes.push_back(write);
+    }
+
+    /// Takes out the writes of fills that began before `generation` which `purge` concerns.
+    fn take_overtaken(&mut self, purge: &Purge, generation: u64) -> Vec<SentWrite> {
+        self.forget_expired();
+        if let Selector::Key(url) = &purge.selector {
+            if !self.per_url.contains_key(url) {
+                return Vec::new();
+            }
+        }
+        let (writes, per_url) = (&mut self.writes, &mut self.per_url);
+        let mut overtaken = Vec::new();
+        writes.retain(|write| {
+            let url = primary_key(&write.key);
+            let concerned = write.since < generation && purge.matches(url, &write.tags);
+            if concerned {
+                uncount(per_url, url);
+                overtaken.push(write.clone());
+            }
+            !concerned
+        });
+        overtaken
+    }
+
+    fn forget_expired(&mut self) {
+        while self
+            .writes
+            .front()
+            .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(write) = self.writes.pop_front() {
+            uncount(&mut self.per_url, primary_key(&write.key));
+        }
+    }
+}
+
+fn uncount(per_url: &mut HashMap<String, usize>, url: &str) {
+    if let Some(count) = per_url.get_mut(url) {
+        *count -= 1;
+        if *count == 0 {
+            per_url.remove(url);
+        }
     }
 }
 
@@ -1443,4 +1495,61 @@ fn instance_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{:x}-{:x}", std::process::id(), nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(key: &str, since: u64) -> SentWrite {
+        SentWrite {
+            store: 0,
+            key: key.to_string(),
+            tags: vec!["t".into()],
+            since,
+            digest: String::new(),
+            at: Instant::now(),
+        }
+    }
+
+    fn key_purge(url: &str) -> Purge {
+        Purge {
+            selector: Selector::Key(url.into()),
+            soft: false,
+        }
+    }
+
+    #[test]
+    fn sent_writes_are_found_by_url_and_forgotten_once_taken() {
+        let mut sent = SentWrites::default();
+        sent.push(write("h/a", 1));
+        sent.push(write("h/a\u{0}1\u{0}=gzip", 1)); // a variant of h/a
+        sent.push(write("h/b", 5));
+        assert!(sent.take_overtaken(&key_purge("h/x"), 9).is_empty());
+        assert!(
+            sent.take_overtaken(&key_purge("h/b"), 5).is_empty(),
+            "its fill began after the purge"
+        );
+        assert_eq!(sent.take_overtaken(&key_purge("h/a"), 2).len(), 2);
+        assert!(!sent.per_url.contains_key("h/a"));
+        let tagged = Purge {
+            selector: Selector::Tags(vec!["t".into()]),
+            soft: false,
+        };
+        assert_eq!(sent.take_overtaken(&tagged, 9).len(), 1);
+        assert!(sent.writes.is_empty() && sent.per_url.is_empty());
+    }
+
+    #[test]
+    fn the_oldest_sent_write_leaves_its_count_past_the_capacity() {
+        let mut sent = SentWrites::default();
+        for n in 0..=SENT_WRITES_CAPACITY {
+            sent.push(write(&format!("h/{n}"), 1));
+        }
+        assert_eq!(sent.writes.len(), SENT_WRITES_CAPACITY);
+        assert_eq!(sent.per_url.len(), SENT_WRITES_CAPACITY);
+        assert!(!sent.per_url.contains_key("h/0"));
+        assert!(sent.take_overtaken(&key_purge("h/0"), 9).is_empty());
+        assert_eq!(sent.take_overtaken(&key_purge("h/1"), 9).len(), 1);
+    }
 }
