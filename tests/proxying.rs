@@ -153,6 +153,35 @@ async fn via_forwarded_and_host_headers() {
     );
 }
 
+#[tokio::test]
+async fn an_origin_varying_on_x_forwarded_proto_keeps_http_and_https_apart() {
+    // The README's advice for origins behind a TLS-terminating load balancer: a redirect to https
+    // stored for an http request is never served to an https one, and the reverse.
+    let origin = MockOrigin::start(|r| {
+        let reply = match r.header("x-forwarded-proto") {
+            Some("https") => Reply::ok(format!("page #{}", r.hit)),
+            _ => Reply::status(301, "").header("location", "https://example.test/page"),
+        };
+        reply.cc("max-age=60").header("vary", "X-Forwarded-Proto")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/page");
+    let http = [("x-forwarded-proto", "http")];
+    let https = [("x-forwarded-proto", "https")];
+
+    let r = get(&url, &http).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (301, "MISS"));
+    let r = get(&url, &https).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    assert_eq!(r.text(), "page #2");
+    let r = get(&url, &https).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT-L1"));
+    let r = get(&url, &http).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (301, "HIT-L1"));
+    assert_eq!(origin.hits("/page"), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_body_is_streamed_to_origin() {
     let origin = MockOrigin::start(|_| Reply::echo()).await;
