@@ -191,6 +191,7 @@ fn metrics(proxy: &Proxy) -> Response<ProxyBody> {
         stats: &proxy.0.stats,
         snapshot: &snapshot,
         l2_latency: proxy.0.cache.l2().map(|l2| &l2.stats.latency),
+        origin_latency: proxy.0.origin.latency(),
     });
     let mut response = Response::new(ProxyBody::full(text.into()));
     response.headers_mut().insert(

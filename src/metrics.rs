@@ -27,8 +27,6 @@ pub struct Stats {
     pub pubsub_reconnects: AtomicU64,
     /// Time to response headers for answers from L1.
     pub hit_latency: Histogram,
-    /// Time to the origin's response headers.
-    pub origin_latency: Histogram,
 }
 
 /// Upper bounds (seconds) of the latency buckets: 100 µs to 10 s.
@@ -77,6 +75,7 @@ pub struct MetricsSources<'a> {
     pub stats: &'a Stats,
     pub snapshot: &'a StatsSnapshot,
     pub l2_latency: Option<&'a Histogram>,
+    pub origin_latency: &'a Histogram,
 }
 
 /// Prometheus text exposition format 0.0.4.
@@ -114,10 +113,10 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
             "Duration of Redis L2 lookups.",
         ),
     }
-    sources.stats.origin_latency.render(
+    sources.origin_latency.render(
         &mut out,
         "strata_origin_duration_seconds",
-        "Time until the origin's response headers arrived.",
+        "Time until the origin's response headers arrived (from when the request could go out: not the wait for an ORIGIN_MAX_CONNS slot).",
     );
     let families: [(&str, &str, &str, u64); 30] = [
         (

@@ -596,6 +596,14 @@ async fn origin_max_conns_bounds_the_requests_in_flight() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(origin.hits("/turned-away"), 0);
     assert_eq!(proxy.stats().origin_busy, 1, "{:?}", proxy.stats());
+    // The origin's latency is the two held answers' (their heads came at once): the 503's wait
+    // for a slot was Strata's queue, not time at the origin.
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await.text();
+    let answers_timed = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("strata_origin_duration_seconds_count "))
+        .map(str::trim);
+    assert_eq!(answers_timed, Some("2"), "{metrics}");
     for answer in held {
         let r = within("a held request", secs(10), answer).await.unwrap();
         assert_eq!(r.status, 200);

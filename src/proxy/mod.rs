@@ -944,10 +944,7 @@ impl Proxy {
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
         Stats::incr(&self.0.stats.origin_requests);
-        let started = Instant::now();
-        let result = self.0.origin.send(upstream).await;
-        self.0.stats.origin_latency.observe(started.elapsed());
-        result
+        self.0.origin.send(upstream).await
     }
 
     /// An origin answer streamed to the client as it arrives.

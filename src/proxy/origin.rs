@@ -33,6 +33,7 @@ use tower_service::Service;
 
 use super::body::ProxyBody;
 use crate::config::Config;
+use crate::metrics::Histogram;
 
 /// How long a request waits for a returned connection that is not ready yet (see `checkout`).
 const BUSY_GRACE: Duration = Duration::from_millis(50);
@@ -70,6 +71,8 @@ pub struct Origin {
     waiting: AtomicU64,
     /// Requests that found no slot within `ORIGIN_TIMEOUT`.
     busy: AtomicU64,
+    /// Time to response headers, from when the request could go out (its slot taken).
+    latency: Histogram,
 }
 
 impl Origin {
@@ -122,6 +125,7 @@ impl Origin {
             timeout: config.origin_timeout,
             waiting: AtomicU64::new(0),
             busy: AtomicU64::new(0),
+            latency: Histogram::default(),
         })
     }
 
@@ -152,6 +156,19 @@ impl Origin {
                 .insert(header::HOST, self.authority.clone());
         }
         let slot = self.take_slot().await?;
+        // From here: the wait for a slot is Strata's queue, not the origin's slowness.
+        let started = Instant::now();
+        let result = self.send_in_slot(request, slot).await;
+        self.latency.observe(started.elapsed());
+        result
+    }
+
+    /// [`Origin::send`] once the request has its slot.
+    async fn send_in_slot(
+        &self,
+        request: Request<ProxyBody>,
+        slot: Option<Slot>,
+    ) -> Result<Response<OriginBody>, OriginError> {
         let upload = request.body().upload_progress();
         let exchange = self.exchange(request, slot);
         let Some(upload) = upload else {
@@ -212,6 +229,11 @@ impl Origin {
         self.idle.slots.as_ref().map_or(0, |(max, slots)| {
             max.saturating_sub(slots.available_permits()) as u64
         })
+    }
+
+    /// Time to the origin's response headers, the wait for a slot left out.
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
     }
 
     /// Requests that found no slot within `ORIGIN_TIMEOUT` (answered 503) since start.
