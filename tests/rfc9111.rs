@@ -796,6 +796,63 @@ async fn stale_entry_revalidated_with_etag() {
     assert_eq!((r.x_cache(), r.text().as_str()), ("HIT-L1", "content-2"));
 }
 
+/// The origin confirms a stale copy with a 304 whose fields differ from the stored ones: second
+/// and later answers say `max-age=100` and `X-Refreshed`, and for `/turned-private` also `private`.
+async fn refreshing_origin() -> MockOrigin {
+    MockOrigin::start(|r| {
+        let reply = Reply::ok("stored body")
+            .header("etag", "\"v1\"")
+            .conditional();
+        match (r.hit, r.path.as_str()) {
+            (1, _) => reply.cc("max-age=10"),
+            (_, "/turned-private") => reply
+                .cc("private, max-age=100")
+                .header("x-refreshed", "yes"),
+            _ => reply.cc("max-age=100").header("x-refreshed", "yes"),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_304_answered_to_a_request_that_stores_nothing_updates_the_answer() {
+    // RFC 9111 §4.3.4: the fields of a 304 replace the stored ones. A request with no-store
+    // revalidates the stale copy without storing: its answer still carries the 304's fields and
+    // the 304's age, not the stale copy's Cache-Control and Age.
+    let origin = refreshing_origin().await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/confirmed");
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+    proxy.advance(secs(20));
+
+    let r = get(&url, &[("cache-control", "no-store")]).await;
+    assert_eq!(origin.hits("/confirmed"), 2);
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "REVALIDATED"));
+    assert_eq!(r.text(), "stored body");
+    assert_eq!(r.header("cache-control"), Some("max-age=100"));
+    assert_eq!(r.header("x-refreshed"), Some("yes"));
+    assert_eq!(r.header("age"), Some("0"));
+}
+
+#[tokio::test]
+async fn a_304_that_forbids_storing_still_updates_the_answer() {
+    // The 304 makes the response private: the copy is not stored again, and the answer is
+    // private too (a downstream cache must not keep it).
+    let origin = refreshing_origin().await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/turned-private");
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+    proxy.advance(secs(20));
+
+    let r = get(&url, &[]).await;
+    assert_eq!(origin.hits("/turned-private"), 2);
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "REVALIDATED"));
+    assert_eq!(r.text(), "stored body");
+    assert_eq!(r.header("cache-control"), Some("private, max-age=100"));
+    assert_eq!(r.header("x-refreshed"), Some("yes"));
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS", "not stored again");
+}
+
 #[tokio::test]
 async fn stale_entry_revalidated_with_last_modified() {
     let last_modified = http_date(SystemTime::now() - secs(3600));

@@ -70,6 +70,30 @@ impl Entry {
         Entry::assemble(status, headers, body, response_time, admission)
     }
 
+    /// This response with the header fields an origin's 304 updated (`headers`: RFC 9111 §4.3.4),
+    /// to answer one request when the result is not stored again: received `now`, and fresh for
+    /// no time (its `Age` is the 304's).
+    pub fn revalidated_copy(&self, headers: &HeaderMap, now: SystemTime) -> Entry {
+        let initial_age = headers
+            .get(header::AGE)
+            .and_then(|age| age.to_str().ok())
+            .and_then(|age| age.trim().parse::<u64>().ok())
+            .map_or(Duration::ZERO, Duration::from_secs);
+        let admission = Admission {
+            lifetime: Lifetime {
+                fresh_until: now,
+                stale_while_revalidate_until: now,
+                stale_if_error_until: now,
+                initial_age,
+            },
+            never_stale: true,
+            honours_max_stale: false,
+            variant: self.variant.clone(),
+            tags: self.tags.clone(),
+        };
+        Entry::new(self.status, headers, self.body.clone(), now, admission)
+    }
+
     /// An entry from header fields that were stored before (decoded from L2): no copy of the
     /// values, which the decoder already made into one buffer. `headers` should have room for
     /// [`STORED_MAP_ROOM`] more fields than it holds. The per-answer and framing fields are

@@ -444,7 +444,11 @@ impl Proxy {
             forced: fwd == Fwd::Request,
         };
         let mut merged = merge_not_modified(&stale.headers, not_modified);
-        match admit(policy_request, stale.status, &merged, now, &inner.config) {
+        let admitted = admit(policy_request, stale.status, &merged, now, &inner.config);
+        if !inner.config.surrogate_headers_visible {
+            hide_surrogate_headers(&mut merged);
+        }
+        match admitted {
             Ok(mut admission) => {
                 // The stored headers lost their surrogate keys when the copy was stored (unless
                 // they are visible): a 304 that does not name them again keeps the copy's own.
@@ -452,9 +456,6 @@ impl Proxy {
                     || not_modified.contains_key(CACHE_TAG);
                 if !renamed {
                     admission.tags = stale.tags.clone();
-                }
-                if !inner.config.surrogate_headers_visible {
-                    hide_surrogate_headers(&mut merged);
                 }
                 let entry = Arc::new(Entry::new(
                     stale.status,
@@ -470,7 +471,9 @@ impl Proxy {
             Err(_) => {
                 permit.release();
                 self.invalidate(&target.key);
-                respond::from_entry(stale, &parts.headers, false, now, detail)
+                // Answered with the 304's fields all the same (its `private`, `no-store`).
+                let answer = stale.revalidated_copy(&merged, now);
+                respond::from_entry(&answer, &parts.headers, false, now, detail)
             }
         }
     }

@@ -34,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::cache::key::{cache_key, request_host};
-use crate::cache::policy::revalidation_matches;
+use crate::cache::policy::{merge_not_modified, revalidation_matches};
 use crate::cache::policy::{needs_full_evaluation, RequestDirectives, CONDITIONAL_REQUEST_FIELDS};
 use crate::cache::tiered::L1Lookup;
 use crate::cache::{Cache, CacheStatus, Entry};
@@ -764,7 +764,14 @@ impl Proxy {
                     let detail = Detail::Revalidated {
                         forced: fwd == Fwd::Request,
                     };
-                    return respond::from_entry(entry, &request_headers, head, now, detail);
+                    // Not stored again on this path, but answered with the fields the 304
+                    // updated (RFC 9111 §4.3.4): new freshness, no stale copy's `Age`.
+                    let mut merged = merge_not_modified(&entry.headers, response.headers());
+                    if !self.0.config.surrogate_headers_visible {
+                        fill::hide_surrogate_headers(&mut merged);
+                    }
+                    let answer = entry.revalidated_copy(&merged, now);
+                    return respond::from_entry(&answer, &request_headers, head, now, detail);
                 }
                 // A 304 for some other representation: ask once more, without our validators.
                 return Box::pin(self.forward(plain, ProxyBody::empty(), target, None, fwd)).await;
