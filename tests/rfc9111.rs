@@ -921,6 +921,28 @@ async fn client_conditionals_on_a_fresh_entry_get_304() {
 }
 
 #[tokio::test]
+async fn if_modified_since_without_last_modified_compares_with_date() {
+    // RFC 9111 §4.3.2: with no Last-Modified stored, the stored Date stands for it.
+    let origin = MockOrigin::start(|_| Reply::ok("dated body").cc("max-age=60")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/dated");
+    let first = get(&url, &[]).await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(first.header("last-modified"), None);
+    let Some(date) = first.header("date").map(str::to_string) else {
+        panic!("the origin's answer has no Date: {:?}", first.headers)
+    };
+
+    let r = get(&url, &[("if-modified-since", &date)]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (304, "HIT-L1"));
+    assert!(r.body.is_empty());
+    let before = "Thu, 01 Jan 1998 00:00:00 GMT";
+    let r = get(&url, &[("if-modified-since", before)]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "dated body"));
+    assert_eq!(origin.hits("/dated"), 1);
+}
+
+#[tokio::test]
 async fn unsafe_methods_invalidate_the_url() {
     let origin = MockOrigin::start(|r| match r.method.as_str() {
         "GET" => Reply::ok(format!("{}#{}", r.path, r.hit)).cc("max-age=60"),

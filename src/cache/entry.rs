@@ -70,6 +70,19 @@ impl Entry {
         Entry::assemble(status, headers, body, response_time, admission)
     }
 
+    /// When this response last changed, as a client's `If-Modified-Since` is compared with it:
+    /// `Last-Modified`, else `Date`, else when it was received (RFC 9111 §4.3.2).
+    pub fn modified(&self) -> SystemTime {
+        self.last_modified
+            .or_else(|| {
+                self.headers
+                    .get(header::DATE)
+                    .and_then(|date| date.to_str().ok())
+                    .and_then(|date| httpdate::parse_http_date(date).ok())
+            })
+            .unwrap_or(self.response_time)
+    }
+
     /// This response with the header fields an origin's 304 updated (`headers`: RFC 9111 §4.3.4),
     /// to answer one request when the result is not stored again: received `now`, and fresh for
     /// no time (its `Age` is the 304's).

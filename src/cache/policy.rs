@@ -389,22 +389,24 @@ pub fn if_none_match_matches(if_none_match: &HeaderMap, etag: Option<&HeaderValu
 
 /// Evaluates a client's `If-None-Match` / `If-Modified-Since` against a stored response:
 /// `true` means answer 304 Not Modified (RFC 9110 §13.2.2 order: If-None-Match wins).
+/// `modified` is when the stored response last changed: its `Last-Modified`, else its `Date`, else
+/// when it was received (RFC 9111 §4.3.2); asked only for an `If-Modified-Since`.
 pub fn not_modified(
     request: &HeaderMap,
     etag: Option<&HeaderValue>,
-    last_modified: Option<SystemTime>,
+    modified: impl FnOnce() -> SystemTime,
 ) -> bool {
     if request.contains_key(header::IF_NONE_MATCH) {
         return if_none_match_matches(request, etag);
     }
-    let since = request
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    match (since, last_modified) {
-        (Some(since), Some(modified)) => modified <= since,
-        _ => false,
-    }
+    let mut lines = request.get_all(header::IF_MODIFIED_SINCE).iter();
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return false; // none, or several: ignored (RFC 9110 §13.1.3)
+    };
+    line.to_str()
+        .ok()
+        .and_then(|since| httpdate::parse_http_date(since).ok())
+        .is_some_and(|since| modified() <= since)
 }
 
 /// What a GET with `Range` gets from a stored `200` (RFC 9110 §14).
@@ -747,21 +749,53 @@ pub(crate) mod tests {
     #[test]
     fn conditionals_use_weak_comparison() {
         let etag = HeaderValue::from_static("\"v1\"");
+        let never = || SystemTime::UNIX_EPOCH;
         assert!(not_modified(
             &headers(&[("if-none-match", "W/\"v1\"")]),
             Some(&etag),
-            None
+            never
         ));
         assert!(not_modified(
             &headers(&[("if-none-match", "\"x\", *")]),
             Some(&etag),
-            None
+            never
         ));
         assert!(!not_modified(
             &headers(&[("if-none-match", "\"v2\"")]),
             Some(&etag),
-            None
+            never
         ));
+    }
+
+    #[test]
+    fn if_modified_since_needs_one_valid_date_not_before_the_change() {
+        let changed = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").ok();
+        let Some(changed) = changed else {
+            panic!("a valid date")
+        };
+        let at = || changed;
+        let since = |value| headers(&[("if-modified-since", value)]);
+        assert!(not_modified(
+            &since("Sun, 06 Nov 1994 08:49:37 GMT"),
+            None,
+            at
+        ));
+        assert!(not_modified(
+            &since("Mon, 07 Nov 1994 08:49:37 GMT"),
+            None,
+            at
+        ));
+        assert!(!not_modified(
+            &since("Sat, 05 Nov 1994 08:49:37 GMT"),
+            None,
+            at
+        ));
+        assert!(!not_modified(&since("yesterday"), None, at));
+        let twice = headers(&[
+            ("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT"),
+            ("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT"),
+        ]);
+        assert!(!not_modified(&twice, None, at), "several lines are ignored");
     }
 
     #[test]

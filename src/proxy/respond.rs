@@ -161,7 +161,7 @@ pub fn from_entry(
     }
     let (status, mut headers, body) = if conditional
         && entry.status == StatusCode::OK
-        && not_modified(request, entry.etag.as_ref(), entry.last_modified)
+        && not_modified(request, entry.etag.as_ref(), || entry.modified())
     {
         let mut headers = HeaderMap::with_capacity(NOT_MODIFIED_FIELDS.len() + 4);
         for name in NOT_MODIFIED_FIELDS {
