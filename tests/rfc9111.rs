@@ -589,6 +589,53 @@ async fn ranges_of_what_is_not_stored_reach_the_origin() {
     }
 }
 
+/// On a hit, `If-Match` and `If-Unmodified-Since` are judged against the stored response as the
+/// origin would judge them: a client resuming a download of another version gets 412, never bytes
+/// of this one to stitch onto its own.
+#[tokio::test]
+async fn preconditions_on_a_hit_are_judged_against_the_stored_response() {
+    let origin = MockOrigin::start(|_| {
+        Reply::ok("0123456789")
+            .cc("max-age=60")
+            .header("etag", "\"v2\"")
+            .header("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url("/download");
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+
+    let range = ("range", "bytes=0-3");
+    for failing in [
+        ("if-match", "\"v1\""),
+        ("if-match", "W/\"v2\""),
+        ("if-unmodified-since", "Mon, 23 Nov 2026 10:00:00 GMT"),
+    ] {
+        let r = get(&url, &[range, failing]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.x_cache()),
+            (412, "HIT-L1"),
+            "{failing:?}"
+        );
+        assert!(r.body.is_empty(), "{failing:?}");
+        let r = get(&url, &[failing]).await;
+        assert_eq!(r.status.as_u16(), 412, "{failing:?} without Range");
+    }
+    for holding in [
+        ("if-match", "\"v2\""),
+        ("if-match", "*"),
+        ("if-unmodified-since", "Tue, 24 Nov 2026 10:00:00 GMT"),
+    ] {
+        let r = get(&url, &[range, holding]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (206, "0123"),
+            "{holding:?}"
+        );
+    }
+    assert_eq!(origin.hits("/download"), 1);
+}
+
 /// With nothing to store into, a range fetches no whole body: it goes to the origin as it is.
 #[tokio::test]
 async fn without_a_cache_ranges_go_to_the_origin() {

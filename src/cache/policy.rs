@@ -387,6 +387,45 @@ pub fn if_none_match_matches(if_none_match: &HeaderMap, etag: Option<&HeaderValu
         })
 }
 
+/// Whether a client's `If-Match` / `If-Unmodified-Since` hold for a stored response (RFC 9110
+/// §13.2.2 steps 1 and 2), so that a client that must not get another version than the one it
+/// names (resuming a download, `Range` with `If-Match`) gets `412` instead of another version's
+/// bytes. `If-Match` holds when `*` or a strongly equal tag is among its members;
+/// `If-Unmodified-Since` (looked at only without `If-Match`) when the response has not changed
+/// since, and it is ignored when the response has no `Last-Modified` or the field is not one
+/// valid date (§13.1.4).
+pub fn preconditions_hold(
+    request: &HeaderMap,
+    etag: Option<&HeaderValue>,
+    last_modified: Option<SystemTime>,
+) -> bool {
+    if request.contains_key(header::IF_MATCH) {
+        return request
+            .get_all(header::IF_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .any(|candidate| {
+                candidate == "*"
+                    || (!candidate.starts_with("W/")
+                        && etag.is_some_and(|etag| etag.as_bytes() == candidate.as_bytes()))
+            });
+    }
+    let mut lines = request.get_all(header::IF_UNMODIFIED_SINCE).iter();
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return true;
+    };
+    let since = line
+        .to_str()
+        .ok()
+        .and_then(|since| httpdate::parse_http_date(since).ok());
+    match (since, last_modified) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => true,
+    }
+}
+
 /// Evaluates a client's `If-None-Match` / `If-Modified-Since` against a stored response:
 /// `true` means answer 304 Not Modified (RFC 9110 §13.2.2 order: If-None-Match wins).
 /// `modified` is when the stored response last changed: its `Last-Modified`, else its `Date`, else
@@ -765,6 +804,28 @@ pub(crate) mod tests {
             Some(&etag),
             never
         ));
+    }
+
+    #[test]
+    fn if_match_compares_strongly_and_if_unmodified_since_needs_a_last_modified() {
+        let etag = HeaderValue::from_static("\"v1\"");
+        let holds = |pairs, etag, modified| preconditions_hold(&headers(pairs), etag, modified);
+        assert!(holds(&[("if-match", "\"v0\", \"v1\"")], Some(&etag), None));
+        assert!(holds(&[("if-match", "*")], None, None));
+        assert!(!holds(&[("if-match", "W/\"v1\"")], Some(&etag), None));
+        assert!(!holds(&[("if-match", "\"v2\"")], Some(&etag), None));
+        assert!(!holds(&[("if-match", "\"v1\"")], None, None));
+        let modified = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").ok();
+        let before = [("if-unmodified-since", "Sat, 05 Nov 1994 08:49:37 GMT")];
+        let same = [("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT")];
+        assert!(!holds(&before, None, modified));
+        assert!(holds(&same, None, modified));
+        assert!(holds(&before, None, None), "no Last-Modified: ignored");
+        assert!(holds(&[("if-unmodified-since", "soon")], None, modified));
+        assert!(
+            holds(&[("if-match", "*"), before[0]], Some(&etag), modified),
+            "If-Match decides alone"
+        );
     }
 
     #[test]

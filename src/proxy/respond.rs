@@ -8,7 +8,7 @@ use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::headers::{CACHE_STATUS, X_CACHE};
-use crate::cache::policy::{byte_range, not_modified, RangeAnswer, Validators};
+use crate::cache::policy::{byte_range, not_modified, preconditions_hold, RangeAnswer, Validators};
 use crate::cache::{CacheStatus, Entry};
 
 /// The RFC 9211 `Cache-Status` facts of one answer.
@@ -153,13 +153,22 @@ pub fn from_entry(
     now: SystemTime,
     detail: Detail,
 ) -> Response<ProxyBody> {
-    // One pass over the request's field names (a handful, usually) instead of three hashed lookups.
-    let (mut conditional, mut ranged) = (false, false);
+    // One pass over the request's field names (a handful, usually) instead of five hashed lookups.
+    let (mut conditional, mut ranged, mut preconditioned) = (false, false, false);
     for name in request.keys() {
         conditional |= name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE;
         ranged |= name == header::RANGE;
+        preconditioned |= name == header::IF_MATCH || name == header::IF_UNMODIFIED_SINCE;
     }
-    let (status, mut headers, body) = if conditional
+    let (status, mut headers, body) = if preconditioned
+        && entry.status == StatusCode::OK
+        && !preconditions_hold(request, entry.etag.as_ref(), entry.last_modified)
+    {
+        // What the origin would answer: the client names another version than the stored one.
+        let mut headers = HeaderMap::with_capacity(4);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        (StatusCode::PRECONDITION_FAILED, headers, ProxyBody::empty())
+    } else if conditional
         && entry.status == StatusCode::OK
         && not_modified(request, entry.etag.as_ref(), || entry.modified())
     {
