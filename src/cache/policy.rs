@@ -374,6 +374,35 @@ fn etag_weak_eq(a: &str, b: &str) -> bool {
     a.trim().trim_start_matches("W/") == b.trim().trim_start_matches("W/")
 }
 
+/// The members of an entity-tag list (`If-Match`, `If-None-Match`): `*`, `"x"` or `W/"x"`, each as
+/// written. Split at the commas between members, not inside quotes: `"a,b"` is one tag (a comma is
+/// a valid `etagc`, RFC 9110 §8.8.3). A member that is not quoted runs to the next comma.
+fn entity_tags(list: &str) -> impl Iterator<Item = &str> {
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        rest = rest.trim_start_matches(|c: char| c == ',' || c.is_ascii_whitespace());
+        if rest.is_empty() {
+            return None;
+        }
+        let opening = if rest.starts_with("W/\"") {
+            3
+        } else if rest.starts_with('"') {
+            1
+        } else {
+            0
+        };
+        let end = match opening {
+            0 => rest.find(',').unwrap_or(rest.len()),
+            _ => rest[opening..]
+                .find('"')
+                .map_or(rest.len(), |close| opening + close + 1),
+        };
+        let (member, after) = rest.split_at(end);
+        rest = after;
+        Some(member.trim_end())
+    })
+}
+
 /// Does `If-None-Match` list the stored response's entity tag, or `*` (any stored representation)?
 pub fn if_none_match_matches(if_none_match: &HeaderMap, etag: Option<&HeaderValue>) -> bool {
     let etag = etag.and_then(|e| e.to_str().ok());
@@ -381,10 +410,8 @@ pub fn if_none_match_matches(if_none_match: &HeaderMap, etag: Option<&HeaderValu
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|candidate| {
-            candidate.trim() == "*" || etag.is_some_and(|etag| etag_weak_eq(candidate, etag))
-        })
+        .flat_map(entity_tags)
+        .any(|candidate| candidate == "*" || etag.is_some_and(|etag| etag_weak_eq(candidate, etag)))
 }
 
 /// Whether a client's `If-Match` / `If-Unmodified-Since` hold for a stored response (RFC 9110
@@ -404,8 +431,7 @@ pub fn preconditions_hold(
             .get_all(header::IF_MATCH)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .flat_map(entity_tags)
             .any(|candidate| {
                 candidate == "*"
                     || (!candidate.starts_with("W/")
@@ -804,6 +830,17 @@ pub(crate) mod tests {
             Some(&etag),
             never
         ));
+    }
+
+    #[test]
+    fn entity_tag_lists_split_between_tags_not_inside_them() {
+        let tags: Vec<&str> = entity_tags(r#""a,b", W/"c" ,, *,"d"#).collect();
+        assert_eq!(tags, [r#""a,b""#, r#"W/"c""#, "*", r#""d"#]);
+        let etag = HeaderValue::from_static(r#""a,b""#);
+        let request = headers(&[("if-match", r#""x", "a,b""#)]);
+        assert!(preconditions_hold(&request, Some(&etag), None));
+        let request = headers(&[("if-none-match", r#"W/"a,b""#)]);
+        assert!(if_none_match_matches(&request, Some(&etag)));
     }
 
     #[test]
