@@ -96,6 +96,9 @@ async fn no_store_private_and_set_cookie_are_not_stored() {
     let origin = MockOrigin::start(|r| match r.path.as_str() {
         "/no-store" => Reply::ok("x").cc("max-age=60, no-store"),
         "/private" => Reply::ok("x").cc("private, max-age=60"),
+        // Directive names are case-insensitive (RFC 9111 §5.2).
+        "/Private" => Reply::ok("x").cc("Private, max-age=60"),
+        "/NO-STORE" => Reply::ok("x").cc("NO-STORE, max-age=60"),
         "/cookie" => Reply::ok("x").cc("max-age=60").header("set-cookie", "id=1"),
         "/cookie-public" => Reply::ok("x")
             .cc("public, max-age=60")
@@ -106,6 +109,8 @@ async fn no_store_private_and_set_cookie_are_not_stored() {
     let proxy = TestProxy::start(&origin.url(), &[]).await;
     assert_not_stored(&proxy, &origin, "/no-store", &[]).await;
     assert_not_stored(&proxy, &origin, "/private", &[]).await;
+    assert_not_stored(&proxy, &origin, "/Private", &[]).await;
+    assert_not_stored(&proxy, &origin, "/NO-STORE", &[]).await;
     assert_not_stored(&proxy, &origin, "/cookie", &[]).await;
     assert_stored(&proxy, &origin, "/cookie-public", &[]).await;
 }
@@ -116,12 +121,15 @@ async fn authorization_requires_public_or_s_maxage() {
         "/auth" => Reply::ok("secret").cc("max-age=60"),
         "/auth-public" => Reply::ok("shared").cc("public, max-age=60"),
         "/auth-smaxage" => Reply::ok("shared").cc("s-maxage=60"),
+        // Two max-age lines (an application's and a front server's) say nothing about sharing.
+        "/auth-twice" => Reply::ok("secret").cc("max-age=600").cc("max-age=300"),
         _ => Reply::status(404, "no"),
     })
     .await;
     let proxy = TestProxy::start(&origin.url(), &[]).await;
     let auth = [("authorization", "Bearer token")];
     assert_not_stored(&proxy, &origin, "/auth", &auth).await;
+    assert_not_stored(&proxy, &origin, "/auth-twice", &auth).await;
     assert_stored(&proxy, &origin, "/auth-public", &auth).await;
     assert_stored(&proxy, &origin, "/auth-smaxage", &auth).await;
 }

@@ -254,6 +254,12 @@ pub fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// Rewrites `Cache-Control` where http-cache-semantics departs from RFC 9111 (only when needed):
+/// - directive names are lowercased: the crate compares them as sent, so `Private` or `No-Store`
+///   would be stored and shared (§5.2: names are compared case-insensitively);
+/// - a directive given again is dropped (the first counts, §4.2.1): the crate answers a repeat with
+///   another value by adding `must-revalidate`, which makes a response to a request with
+///   `Authorization` storable (§3.5). `ResponseDirectives::conflicting` keeps such a response from
+///   being served stale;
 /// - `proxy-revalidate` is dropped: the crate makes such a response never fresh for a shared cache,
 ///   while §5.2.2.8 only forbids serving it stale (`never_stale` takes care of that);
 /// - an over-large `max-age`/`s-maxage` becomes 2^31: the crate reads it as 0, §1.2.2 says 2^31.
@@ -266,21 +272,30 @@ fn normalize_for_policy(headers: &mut HeaderMap) {
                     && v.parse::<u64>().map_or(true, |n| n > MAX_DELTA_SECONDS)
             })
     };
-    let needed = directives(headers.get_all(header::CACHE_CONTROL))
-        .any(|(name, value)| name == "proxy-revalidate" || oversized(&name, value));
-    if !needed {
-        return;
-    }
-    let parts: Vec<String> = directives(headers.get_all(header::CACHE_CONTROL))
-        .filter(|(name, _)| name != "proxy-revalidate")
-        .map(|(name, value)| match value {
+    let mut named: Vec<String> = Vec::new();
+    let mut parts: Vec<String> = Vec::new();
+    for (name, value) in directives(headers.get_all(header::CACHE_CONTROL)) {
+        if name == "proxy-revalidate" || named.contains(&name) {
+            continue;
+        }
+        parts.push(match value {
             _ if oversized(&name, value) => format!("{name}={MAX_DELTA_SECONDS}"),
             Some(value) => format!("{name}={value}"),
-            None => name,
-        })
+            None => name.clone(),
+        });
+        named.push(name);
+    }
+    let canonical = parts.join(", ");
+    let as_sent: Vec<&str> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
         .collect();
+    if canonical == as_sent.join(", ") {
+        return;
+    }
     headers.remove(header::CACHE_CONTROL);
-    if let Ok(value) = HeaderValue::from_str(&parts.join(", ")) {
+    if let Ok(value) = HeaderValue::from_str(&canonical) {
         headers.insert(header::CACHE_CONTROL, value);
     }
 }
@@ -780,6 +795,68 @@ pub(crate) mod tests {
             headers(&[("cache-control", "max-age=60"), ("cache-control", "public")]);
         normalize_for_policy(&mut untouched);
         assert_eq!(untouched.get_all(header::CACHE_CONTROL).iter().count(), 2);
+    }
+
+    #[test]
+    fn policy_sees_lowercase_names_and_each_directive_once() {
+        let mut h = headers(&[
+            ("cache-control", "Private, MAX-AGE=600"),
+            ("cache-control", "max-age=300, No-Store"),
+        ]);
+        normalize_for_policy(&mut h);
+        assert_eq!(
+            h.get(header::CACHE_CONTROL),
+            Some(&HeaderValue::from_static("private, max-age=600, no-store"))
+        );
+    }
+
+    fn test_config() -> Config {
+        match Config::from_vars([("ORIGIN_URL", "http://origin.test")]) {
+            Ok(config) => config,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// A GET for `/` of `a.test` with these fields, as the cache sees it.
+    fn get_request(pairs: &[(&'static str, &'static str)]) -> request::Parts {
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        parts.uri = http::Uri::from_static("/");
+        parts.headers = headers(pairs);
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("a.test"));
+        parts
+    }
+
+    #[test]
+    fn directive_names_in_any_case_forbid_storing() {
+        for cache_control in ["Private, max-age=600", "NO-STORE, max-age=600"] {
+            let response = headers(&[("cache-control", cache_control)]);
+            let stored = admit(
+                &get_request(&[]),
+                StatusCode::OK,
+                &response,
+                SystemTime::now(),
+                &test_config(),
+            );
+            assert!(stored.is_err(), "{cache_control} was stored");
+        }
+    }
+
+    #[test]
+    fn a_repeated_max_age_does_not_let_an_authorized_answer_be_stored() {
+        let response = headers(&[
+            ("cache-control", "max-age=600"),
+            ("cache-control", "max-age=300"),
+        ]);
+        let stored = admit(
+            &get_request(&[("authorization", "Bearer a")]),
+            StatusCode::OK,
+            &response,
+            SystemTime::now(),
+            &test_config(),
+        );
+        assert!(stored.is_err());
     }
 
     #[test]
