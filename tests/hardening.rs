@@ -497,6 +497,41 @@ async fn only_the_response_itself_invalidates_a_stored_copy() {
     assert_ne!(r.x_cache(), "STALE");
 }
 
+/// The same for a revalidation: a 304 to a request with Authorization cannot refresh the shared
+/// copy (the answer is not stored for that request), but the copy stays for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_for_an_authorized_request_keeps_the_shared_copy() {
+    let origin = MockOrigin::start(|r| {
+        Reply::ok("shared body")
+            .cc(if r.hit == 1 {
+                "public, max-age=1"
+            } else {
+                "max-age=60"
+            })
+            .header("etag", "\"s1\"")
+            .conditional()
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    assert_eq!(get(&proxy.url("/shared"), &[]).await.x_cache(), "MISS");
+    proxy.advance(secs(5));
+
+    let r = get(&proxy.url("/shared"), &[("authorization", "Bearer x")]).await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "REVALIDATED"));
+    assert_eq!(r.text(), "shared body");
+    // Still stored (stale): the next plain request revalidates it instead of fetching it whole.
+    let r = get(&proxy.url("/shared"), &[]).await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("REVALIDATED", "shared body")
+    );
+    assert_eq!(
+        origin.last_header("/shared", "if-none-match").as_deref(),
+        Some("\"s1\"")
+    );
+    assert_eq!(origin.hits("/shared"), 3);
+}
+
 // 9 -------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -470,7 +470,12 @@ impl Proxy {
             }
             Err(_) => {
                 permit.release();
-                self.invalidate(&target.key);
+                // As for a 200 (see `fetch_as_leader`): the origin now marks the URL not to be
+                // stored, and the copy goes; a reason of this request alone (its Authorization)
+                // leaves the shared copy in place.
+                if forbids_storing(&merged) {
+                    self.invalidate(&target.key);
+                }
                 // Answered with the 304's fields all the same (its `private`, `no-store`).
                 let answer = stale.revalidated_copy(&merged, now);
                 respond::from_entry(&answer, &parts.headers, false, now, detail)
