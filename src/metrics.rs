@@ -116,7 +116,7 @@ pub fn render_prometheus(sources: &MetricsSources<'_>) -> String {
     sources.origin_latency.render(
         &mut out,
         "strata_origin_duration_seconds",
-        "Time until the origin's response headers arrived (from when the request could go out: not the wait for an ORIGIN_MAX_CONNS slot).",
+        "Time until the origin's response headers arrived, from when the request went out (not the wait for an ORIGIN_MAX_CONNS slot; a request body's upload included).",
     );
     let families: [(&str, &str, &str, u64); 30] = [
         (

@@ -863,7 +863,12 @@ async fn refreshing_origin() -> MockOrigin {
             (_, "/turned-private") => reply
                 .cc("private, max-age=100")
                 .header("x-refreshed", "yes"),
-            _ => reply.cc("max-age=100").header("x-refreshed", "yes"),
+            // Hop-by-hop fields of the 304 describe the origin's connection, not the answer.
+            _ => reply
+                .cc("max-age=100")
+                .header("x-refreshed", "yes")
+                .header("connection", "x-hop")
+                .header("x-hop", "origin only"),
         }
     })
     .await
@@ -887,6 +892,7 @@ async fn a_304_answered_to_a_request_that_stores_nothing_updates_the_answer() {
     assert_eq!(r.header("cache-control"), Some("max-age=100"));
     assert_eq!(r.header("x-refreshed"), Some("yes"));
     assert_eq!(r.header("age"), Some("0"));
+    assert_eq!(r.header("x-hop"), None, "a hop-by-hop field of the 304");
 }
 
 #[tokio::test]

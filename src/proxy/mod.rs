@@ -766,7 +766,9 @@ impl Proxy {
                     };
                     // Not stored again on this path, but answered with the fields the 304
                     // updated (RFC 9111 §4.3.4): new freshness, no stale copy's `Age`.
-                    let mut merged = merge_not_modified(&entry.headers, response.headers());
+                    let mut not_modified = response.headers().clone();
+                    headers::strip_hop_by_hop(&mut not_modified);
+                    let mut merged = merge_not_modified(&entry.headers, &not_modified);
                     if !self.0.config.surrogate_headers_visible {
                         fill::hide_surrogate_headers(&mut merged);
                     }
