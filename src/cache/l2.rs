@@ -1267,7 +1267,6 @@ impl L2 {
 /// a runtime worker and every request scheduled on it.
 const INLINE_CODEC_LIMIT: usize = 64 * 1024;
 
-/// Drops the remembered writes older than `SENT_WRITES_KEPT` (they are oldest first).
 /// The values written lately, oldest first, for `SENT_WRITES_KEPT` and `SENT_WRITES_CAPACITY` at
 /// most, and how many of them each URL has: every purge heard of is checked against them, and
 /// the purge of one URL (which each successful write request to it sends) looks its URL up
@@ -1313,6 +1312,7 @@ impl SentWrites {
         overtaken
     }
 
+    /// Drops the remembered writes older than `SENT_WRITES_KEPT` (they are oldest first).
     fn forget_expired(&mut self) {
         while self
             .writes
