@@ -330,9 +330,7 @@ impl Proxy {
                 return self.pass_through(response, Detail::Miss { stored: false, fwd });
             }
         };
-        if !inner.config.surrogate_headers_visible {
-            hide_surrogate_headers(&mut response_parts.headers);
-        }
+        self.hide_surrogate_headers(&mut response_parts.headers);
         let declared_length = response_parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -445,9 +443,7 @@ impl Proxy {
         };
         let mut merged = merge_not_modified(&stale.headers, not_modified);
         let admitted = admit(policy_request, stale.status, &merged, now, &inner.config);
-        if !inner.config.surrogate_headers_visible {
-            hide_surrogate_headers(&mut merged);
-        }
+        self.hide_surrogate_headers(&mut merged);
         match admitted {
             Ok(mut admission) => {
                 // The stored headers lost their surrogate keys when the copy was stored (unless
@@ -736,17 +732,20 @@ fn policy_request(parts: &Parts, host: &str) -> Parts {
     request
 }
 
-/// Surrogate keys are for this cache, not for clients (unless `SURROGATE_HEADERS_VISIBLE`).
-pub(super) fn hide_surrogate_headers(headers: &mut http::HeaderMap) {
-    // A scan of the names is cheaper than hashing two custom names when neither is there.
-    if !headers
-        .keys()
-        .any(|name| name == SURROGATE_KEY || name == CACHE_TAG)
-    {
-        return;
+impl Proxy {
+    /// Surrogate keys are for this cache, not for clients (unless `SURROGATE_HEADERS_VISIBLE`).
+    pub(super) fn hide_surrogate_headers(&self, headers: &mut http::HeaderMap) {
+        // A scan of the names is cheaper than hashing two custom names when neither is there.
+        if self.0.config.surrogate_headers_visible
+            || !headers
+                .keys()
+                .any(|name| name == SURROGATE_KEY || name == CACHE_TAG)
+        {
+            return;
+        }
+        headers.remove(SURROGATE_KEY);
+        headers.remove(CACHE_TAG);
     }
-    headers.remove(SURROGATE_KEY);
-    headers.remove(CACHE_TAG);
 }
 
 /// Asks the origin for a 304 if the stored copy is still current.

@@ -769,9 +769,7 @@ impl Proxy {
                     let mut not_modified = response.headers().clone();
                     headers::strip_hop_by_hop(&mut not_modified);
                     let mut merged = merge_not_modified(&entry.headers, &not_modified);
-                    if !self.0.config.surrogate_headers_visible {
-                        fill::hide_surrogate_headers(&mut merged);
-                    }
+                    self.hide_surrogate_headers(&mut merged);
                     let answer = entry.revalidated_copy(&merged, now);
                     return respond::from_entry(&answer, &request_headers, head, now, detail);
                 }
@@ -964,9 +962,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         headers::to_client(&mut parts.headers);
-        if !self.0.config.surrogate_headers_visible {
-            fill::hide_surrogate_headers(&mut parts.headers);
-        }
+        self.hide_surrogate_headers(&mut parts.headers);
         respond::mark(&mut parts.headers, detail, None);
         Response::from_parts(parts, ProxyBody::origin(body, self.0.origin.timeout()))
     }
