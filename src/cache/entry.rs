@@ -74,13 +74,13 @@ impl Entry {
     /// `Last-Modified`, else `Date`, else when it was received (RFC 9111 §4.3.2).
     pub fn modified(&self) -> SystemTime {
         self.last_modified
-            .or_else(|| {
-                self.headers
-                    .get(header::DATE)
-                    .and_then(|date| date.to_str().ok())
-                    .and_then(|date| httpdate::parse_http_date(date).ok())
-            })
+            .or_else(|| self.date())
             .unwrap_or(self.response_time)
+    }
+
+    /// The stored `Date`, when it is a valid HTTP date.
+    pub fn date(&self) -> Option<SystemTime> {
+        http_date(&self.headers, header::DATE)
     }
 
     /// This response with the header fields an origin's 304 updated (`headers`: RFC 9111 §4.3.4),
@@ -157,10 +157,7 @@ impl Entry {
             tags,
         } = admission;
         let etag = headers.get(header::ETAG).cloned();
-        let last_modified = headers
-            .get(header::LAST_MODIFIED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok());
+        let last_modified = http_date(&headers, header::LAST_MODIFIED);
         let variant_bytes: usize = variant
             .iter()
             .map(|(name, values)| {
@@ -300,6 +297,14 @@ impl Entry {
             }
         })
     }
+}
+
+/// A field's value as an HTTP date (`Date`, `Last-Modified`); `None` when absent or not a date.
+fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| httpdate::parse_http_date(value).ok())
 }
 
 /// The stored copy of a response's headers: `Age` (recomputed on every answer) and

@@ -186,11 +186,7 @@ pub fn from_entry(
             let validators = Validators {
                 etag: entry.etag.as_ref(),
                 last_modified: entry.last_modified,
-                date: entry
-                    .headers
-                    .get(header::DATE)
-                    .and_then(|date| date.to_str().ok())
-                    .and_then(|date| httpdate::parse_http_date(date).ok()),
+                date: entry.date(),
             };
             byte_range(request, validators, entry.body.len() as u64)
         } else {
