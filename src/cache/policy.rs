@@ -389,6 +389,24 @@ fn etag_weak_eq(a: &str, b: &str) -> bool {
     a.trim().trim_start_matches("W/") == b.trim().trim_start_matches("W/")
 }
 
+/// Strong comparison of entity tags (RFC 9110 §8.8.3.2): a weak tag never matches.
+fn etag_strong_eq(candidate: &str, etag: Option<&HeaderValue>) -> bool {
+    !candidate.starts_with("W/") && etag.is_some_and(|etag| etag.as_bytes() == candidate.as_bytes())
+}
+
+/// The date of a request field that holds one (`If-Modified-Since`, `If-Unmodified-Since`);
+/// `None` when it is absent, sent on several lines or not a valid date, which all mean the field is
+/// ignored (RFC 9110 §13.1.3, §13.1.4).
+fn single_date(request: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    let mut lines = request.get_all(name).iter();
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return None;
+    };
+    line.to_str()
+        .ok()
+        .and_then(|date| httpdate::parse_http_date(date).ok())
+}
+
 /// The members of an entity-tag list (`If-Match`, `If-None-Match`): `*`, `"x"` or `W/"x"`, each as
 /// written. Split at the commas between members, not inside quotes: `"a,b"` is one tag (a comma is
 /// a valid `etagc`, RFC 9110 §8.8.3). A member that is not quoted runs to the next comma.
@@ -447,21 +465,12 @@ pub fn preconditions_hold(
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(entity_tags)
-            .any(|candidate| {
-                candidate == "*"
-                    || (!candidate.starts_with("W/")
-                        && etag.is_some_and(|etag| etag.as_bytes() == candidate.as_bytes()))
-            });
+            .any(|candidate| candidate == "*" || etag_strong_eq(candidate, etag));
     }
-    let mut lines = request.get_all(header::IF_UNMODIFIED_SINCE).iter();
-    let (Some(line), None) = (lines.next(), lines.next()) else {
-        return true;
-    };
-    let since = line
-        .to_str()
-        .ok()
-        .and_then(|since| httpdate::parse_http_date(since).ok());
-    match (since, last_modified) {
+    match (
+        single_date(request, header::IF_UNMODIFIED_SINCE),
+        last_modified,
+    ) {
         (Some(since), Some(modified)) => modified <= since,
         _ => true,
     }
@@ -479,14 +488,7 @@ pub fn not_modified(
     if request.contains_key(header::IF_NONE_MATCH) {
         return if_none_match_matches(request, etag);
     }
-    let mut lines = request.get_all(header::IF_MODIFIED_SINCE).iter();
-    let (Some(line), None) = (lines.next(), lines.next()) else {
-        return false; // none, or several: ignored (RFC 9110 §13.1.3)
-    };
-    line.to_str()
-        .ok()
-        .and_then(|since| httpdate::parse_http_date(since).ok())
-        .is_some_and(|since| modified() <= since)
+    single_date(request, header::IF_MODIFIED_SINCE).is_some_and(|since| modified() <= since)
 }
 
 /// What a GET with `Range` gets from a stored `200` (RFC 9110 §14).
@@ -580,10 +582,7 @@ fn if_range_holds(if_range: &HeaderValue, validators: Validators<'_>) -> bool {
     };
     let condition = condition.trim();
     if condition.starts_with('"') || condition.starts_with("W/") {
-        return !condition.starts_with("W/")
-            && validators
-                .etag
-                .is_some_and(|etag| etag.as_bytes() == condition.as_bytes());
+        return etag_strong_eq(condition, validators.etag);
     }
     match (
         httpdate::parse_http_date(condition),
