@@ -874,21 +874,33 @@ async fn refreshing_origin() -> MockOrigin {
     .await
 }
 
+/// Stores `path` from [`refreshing_origin`], lets it go stale, and asks for it again with
+/// `headers`: the origin confirms it with a 304. Returns the answer (and what must outlive it).
+async fn confirmed_by_a_304(path: &str, headers: &[(&str, &str)]) -> (MockOrigin, TestProxy, Resp) {
+    let origin = refreshing_origin().await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let url = proxy.url(path);
+    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
+    proxy.advance(secs(20));
+
+    let r = get(&url, headers).await;
+    assert_eq!(origin.hits(path), 2);
+    assert_eq!(
+        (r.status.as_u16(), r.x_cache()),
+        (200, "REVALIDATED"),
+        "{path}"
+    );
+    assert_eq!(r.text(), "stored body");
+    (origin, proxy, r)
+}
+
 #[tokio::test]
 async fn a_304_answered_to_a_request_that_stores_nothing_updates_the_answer() {
     // RFC 9111 §4.3.4: the fields of a 304 replace the stored ones. A request with no-store
     // revalidates the stale copy without storing: its answer still carries the 304's fields and
     // the 304's age, not the stale copy's Cache-Control and Age.
-    let origin = refreshing_origin().await;
-    let proxy = TestProxy::start(&origin.url(), &[]).await;
-    let url = proxy.url("/confirmed");
-    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
-    proxy.advance(secs(20));
-
-    let r = get(&url, &[("cache-control", "no-store")]).await;
-    assert_eq!(origin.hits("/confirmed"), 2);
-    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "REVALIDATED"));
-    assert_eq!(r.text(), "stored body");
+    let (_origin, _proxy, r) =
+        confirmed_by_a_304("/confirmed", &[("cache-control", "no-store")]).await;
     assert_eq!(r.header("cache-control"), Some("max-age=100"));
     assert_eq!(r.header("x-refreshed"), Some("yes"));
     assert_eq!(r.header("age"), Some("0"));
@@ -899,19 +911,11 @@ async fn a_304_answered_to_a_request_that_stores_nothing_updates_the_answer() {
 async fn a_304_that_forbids_storing_still_updates_the_answer() {
     // The 304 makes the response private: the copy is not stored again, and the answer is
     // private too (a downstream cache must not keep it).
-    let origin = refreshing_origin().await;
-    let proxy = TestProxy::start(&origin.url(), &[]).await;
-    let url = proxy.url("/turned-private");
-    assert_eq!(get(&url, &[]).await.x_cache(), "MISS");
-    proxy.advance(secs(20));
-
-    let r = get(&url, &[]).await;
-    assert_eq!(origin.hits("/turned-private"), 2);
-    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "REVALIDATED"));
-    assert_eq!(r.text(), "stored body");
+    let (_origin, proxy, r) = confirmed_by_a_304("/turned-private", &[]).await;
     assert_eq!(r.header("cache-control"), Some("private, max-age=100"));
     assert_eq!(r.header("x-refreshed"), Some("yes"));
-    assert_eq!(get(&url, &[]).await.x_cache(), "MISS", "not stored again");
+    let r = get(&proxy.url("/turned-private"), &[]).await;
+    assert_eq!(r.x_cache(), "MISS", "not stored again");
 }
 
 #[tokio::test]
