@@ -1267,75 +1267,100 @@ impl L2 {
 /// a runtime worker and every request scheduled on it.
 const INLINE_CODEC_LIMIT: usize = 64 * 1024;
 
-/// The values written lately, oldest first, for `SENT_WRITES_KEPT` and `SENT_WRITES_CAPACITY` at
-/// most, and how many of them each URL has: every purge heard of is checked against them, and
-/// the purge of one URL (which each successful write request to it sends) looks its URL up
-/// instead of going through them all.
+/// The values written lately, for `SENT_WRITES_KEPT` and `SENT_WRITES_CAPACITY` at most, kept by
+/// URL: every purge heard of is checked against them, and the purge of one URL (which each
+/// successful write request to it sends) looks at that URL's writes alone, however many others
+/// there are.
 #[derive(Default)]
 struct SentWrites {
-    writes: VecDeque<SentWrite>,
-    per_url: HashMap<String, usize>,
+    /// Each URL's writes with their numbers, oldest first.
+    per_url: HashMap<Arc<str>, VecDeque<(u64, SentWrite)>>,
+    /// Every write's number, time and URL, oldest first: what expires them and holds the capacity.
+    /// A write a purge took out stays here, skipped, until its turn to go.
+    order: VecDeque<(u64, Instant, Arc<str>)>,
+    next: u64,
 }
 
 impl SentWrites {
     fn push(&mut self, write: SentWrite) {
         self.forget_expired();
-        if self.writes.len() >= SENT_WRITES_CAPACITY {
+        while self.order.len() >= SENT_WRITES_CAPACITY {
             self.pop_oldest();
         }
-        *self
-            .per_url
-            .entry(primary_key(&write.key).to_string())
-            .or_default() += 1;
-        self.writes.push_back(write);
+        let url = primary_key(&write.key);
+        let url = match self.per_url.get_key_value(url) {
+            Some((known, _)) => Arc::clone(known),
+            None => Arc::from(url),
+        };
+        let number = self.next;
+        self.next += 1;
+        self.order.push_back((number, write.at, Arc::clone(&url)));
+        self.per_url
+            .entry(url)
+            .or_default()
+            .push_back((number, write));
     }
 
     /// Takes out the writes of fills that began before `generation` which `purge` concerns.
     fn take_overtaken(&mut self, purge: &Purge, generation: u64) -> Vec<SentWrite> {
         self.forget_expired();
-        if let Selector::Key(url) = &purge.selector {
-            if !self.per_url.contains_key(url) {
-                return Vec::new();
-            }
-        }
-        let (writes, per_url) = (&mut self.writes, &mut self.per_url);
         let mut overtaken = Vec::new();
-        writes.retain(|write| {
-            let url = primary_key(&write.key);
-            let concerned = write.since < generation && purge.matches(url, &write.tags);
-            if concerned {
-                uncount(per_url, url);
-                overtaken.push(write.clone());
+        let mut take = |url: &str, writes: &mut VecDeque<(u64, SentWrite)>| {
+            writes.retain(|(_, write)| {
+                let concerned = write.since < generation && purge.matches(url, &write.tags);
+                if concerned {
+                    overtaken.push(write.clone());
+                }
+                !concerned
+            });
+        };
+        match &purge.selector {
+            Selector::Key(url) => {
+                if let Some(writes) = self.per_url.get_mut(url.as_str()) {
+                    take(url, writes);
+                    if writes.is_empty() {
+                        self.per_url.remove(url.as_str());
+                    }
+                }
             }
-            !concerned
-        });
+            Selector::Pattern(_) | Selector::Tags(_) => self.per_url.retain(|url, writes| {
+                take(url, writes);
+                !writes.is_empty()
+            }),
+        }
         overtaken
     }
 
-    /// Drops the remembered writes older than `SENT_WRITES_KEPT` (they are oldest first).
+    /// Drops the remembered writes older than `SENT_WRITES_KEPT`.
     fn forget_expired(&mut self) {
         while self
-            .writes
+            .order
             .front()
-            .is_some_and(|oldest| oldest.at.elapsed() > SENT_WRITES_KEPT)
+            .is_some_and(|(_, at, _)| at.elapsed() > SENT_WRITES_KEPT)
         {
             self.pop_oldest();
         }
     }
 
+    /// Forgets the oldest write, unless a purge took it out already.
     fn pop_oldest(&mut self) {
-        if let Some(write) = self.writes.pop_front() {
-            uncount(&mut self.per_url, primary_key(&write.key));
+        let Some((number, _, url)) = self.order.pop_front() else {
+            return;
+        };
+        if let Some(writes) = self.per_url.get_mut(&url) {
+            // A URL's writes are in order too: its oldest still here is this one, or it was taken.
+            if writes.front().is_some_and(|(first, _)| *first == number) {
+                writes.pop_front();
+            }
+            if writes.is_empty() {
+                self.per_url.remove(&url);
+            }
         }
     }
-}
 
-fn uncount(per_url: &mut HashMap<String, usize>, url: &str) {
-    if let Some(count) = per_url.get_mut(url) {
-        *count -= 1;
-        if *count == 0 {
-            per_url.remove(url);
-        }
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.per_url.values().map(VecDeque::len).sum()
     }
 }
 
@@ -1532,21 +1557,40 @@ mod tests {
         );
         assert_eq!(sent.take_overtaken(&key_purge("h/a"), 2).len(), 2);
         assert!(!sent.per_url.contains_key("h/a"));
+        assert_eq!(sent.len(), 1);
         let tagged = Purge {
             selector: Selector::Tags(vec!["t".into()]),
             soft: false,
         };
         assert_eq!(sent.take_overtaken(&tagged, 9).len(), 1);
-        assert!(sent.writes.is_empty() && sent.per_url.is_empty());
+        assert!(sent.per_url.is_empty());
     }
 
     #[test]
-    fn the_oldest_sent_write_leaves_its_count_past_the_capacity() {
+    fn writes_taken_by_a_purge_leave_the_others_to_expire_in_order() {
+        let mut sent = SentWrites::default();
+        sent.push(write("h/a", 1));
+        sent.push(write("h/b", 1));
+        sent.push(write("h/a", 1));
+        sent.push(write("h/a", 7)); // its fill began after the purge
+        assert_eq!(sent.take_overtaken(&key_purge("h/a"), 5).len(), 2);
+        // The first three writes' places go first, taken or not; the fourth's stays.
+        for n in 0..SENT_WRITES_CAPACITY - 1 {
+            sent.push(write(&format!("h/n{n}"), 1));
+        }
+        assert_eq!(sent.len(), SENT_WRITES_CAPACITY);
+        assert!(sent.take_overtaken(&key_purge("h/b"), 9).is_empty());
+        assert_eq!(sent.take_overtaken(&key_purge("h/a"), 9).len(), 1);
+        assert_eq!(sent.take_overtaken(&key_purge("h/n0"), 9).len(), 1);
+    }
+
+    #[test]
+    fn the_oldest_sent_write_goes_past_the_capacity() {
         let mut sent = SentWrites::default();
         for n in 0..=SENT_WRITES_CAPACITY {
             sent.push(write(&format!("h/{n}"), 1));
         }
-        assert_eq!(sent.writes.len(), SENT_WRITES_CAPACITY);
+        assert_eq!(sent.len(), SENT_WRITES_CAPACITY);
         assert_eq!(sent.per_url.len(), SENT_WRITES_CAPACITY);
         assert!(!sent.per_url.contains_key("h/0"));
         assert!(sent.take_overtaken(&key_purge("h/0"), 9).is_empty());
