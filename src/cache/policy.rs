@@ -394,15 +394,23 @@ fn etag_strong_eq(candidate: &str, etag: Option<&HeaderValue>) -> bool {
     !candidate.starts_with("W/") && etag.is_some_and(|etag| etag.as_bytes() == candidate.as_bytes())
 }
 
+/// The one line of a request field defined as a single value (`Range`, `If-Range`, the dates of
+/// conditional requests); `None` when it is absent or sent on several lines, which makes it invalid
+/// (RFC 9110 §5.3): the field is then ignored.
+fn single_line(request: &HeaderMap, name: header::HeaderName) -> Option<&HeaderValue> {
+    let mut lines = request.get_all(name).iter();
+    match (lines.next(), lines.next()) {
+        (Some(line), None) => Some(line),
+        _ => None,
+    }
+}
+
 /// The date of a request field that holds one (`If-Modified-Since`, `If-Unmodified-Since`);
 /// `None` when it is absent, sent on several lines or not a valid date, which all mean the field is
 /// ignored (RFC 9110 §13.1.3, §13.1.4).
 fn single_date(request: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
-    let mut lines = request.get_all(name).iter();
-    let (Some(line), None) = (lines.next(), lines.next()) else {
-        return None;
-    };
-    line.to_str()
+    single_line(request, name)?
+        .to_str()
         .ok()
         .and_then(|date| httpdate::parse_http_date(date).ok())
 }
@@ -514,14 +522,16 @@ pub struct Validators<'a> {
 }
 
 /// Evaluates `Range` (and `If-Range`, RFC 9110 §13.1.5) against a stored representation of `len`
-/// bytes.
+/// bytes. Either sent on several lines is invalid: the whole representation, as for a `Range` that
+/// cannot be read, or an `If-Range` that does not hold.
 pub fn byte_range(request: &HeaderMap, validators: Validators<'_>, len: u64) -> RangeAnswer {
-    let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+    let Some(range) = single_line(request, header::RANGE).and_then(|v| v.to_str().ok()) else {
         return RangeAnswer::Full;
     };
-    if let Some(if_range) = request.get(header::IF_RANGE) {
-        if !if_range_holds(if_range, validators) {
-            return RangeAnswer::Full;
+    if request.contains_key(header::IF_RANGE) {
+        match single_line(request, header::IF_RANGE) {
+            Some(if_range) if if_range_holds(if_range, validators) => {}
+            _ => return RangeAnswer::Full,
         }
     }
     let Some((unit, specs)) = range.trim().split_once('=') else {
@@ -702,6 +712,9 @@ pub(crate) mod tests {
         ] {
             assert_eq!(range(ignored, 10), Full, "{ignored}");
         }
+        // Range is one value: on two lines it is invalid, not the first line's range.
+        let two_lines = headers(&[("range", "bytes=0-3"), ("range", "bytes=5-6")]);
+        assert_eq!(byte_range(&two_lines, Validators::default(), 10), Full);
     }
 
     #[test]
@@ -742,6 +755,16 @@ pub(crate) mod tests {
             RangeAnswer::Full
         );
         assert_eq!(with("yesterday", dated(later)), RangeAnswer::Full);
+        // On two lines, If-Range is invalid and so does not hold, even when both lines would.
+        let twice = headers(&[
+            ("range", "bytes=0-0"),
+            ("if-range", "\"v1\""),
+            ("if-range", "\"v1\""),
+        ]);
+        assert_eq!(
+            byte_range(&twice, tagged(Some(&etag)), 10),
+            RangeAnswer::Full
+        );
     }
 
     #[test]
