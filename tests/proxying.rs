@@ -950,6 +950,50 @@ async fn chunked_answers_with_trailers_are_stored_passed_and_keep_their_connecti
     assert_eq!(proxy.stats().origin_connections, 1);
 }
 
+/// An origin answer with both `Transfer-Encoding: chunked` and a `Content-Length` is read as
+/// chunked (RFC 9112 §6.3), and the length beside it goes: it would otherwise frame the client's
+/// copy, cut to its 3 bytes, while the cache stored all 5. A transfer coding the client cannot be
+/// told of is a 502, and that connection is not used again.
+#[tokio::test]
+async fn an_origin_answer_framed_twice_is_read_as_chunked_and_an_unknown_coding_is_a_502() {
+    let origin = RawOrigin::start(|path, _| {
+        let (cache_control, coding) = match path {
+            "/cached" => ("max-age=60", "chunked"),
+            "/passed" => ("no-store", "chunked"),
+            _ => ("max-age=60", "gzip, chunked"),
+        };
+        format!(
+            "HTTP/1.1 200 OK\r\ncache-control: {cache_control}\r\n\
+             transfer-encoding: {coding}\r\ncontent-length: 3\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        )
+        .into_bytes()
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    for (path, x_cache) in [
+        ("/cached", "MISS"),
+        ("/cached", "HIT-L1"),
+        ("/passed", "MISS"),
+    ] {
+        let r = get(&proxy.url(path), &[]).await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, x_cache), "{path}");
+        assert_eq!(r.text(), "hello", "{path} {x_cache}");
+        assert_ne!(r.header("content-length"), Some("3"), "{path} {x_cache}");
+    }
+    let before = origin.connections();
+    let coded = get(&proxy.url("/coded"), &[]).await;
+    assert_eq!(coded.status, 502, "{:?}", coded.headers);
+    assert_eq!(proxy.stats().origin_errors, 1);
+    assert_eq!(get(&proxy.url("/passed"), &[]).await.text(), "hello");
+    assert_eq!(
+        origin.connections(),
+        before + 1,
+        "the refused connection was closed"
+    );
+}
+
 /// Only a connection that went away is the keep-alive race a replay is for: a malformed answer on
 /// a long-idle connection is the origin's answer, and the GET is not sent twice.
 /// (The wait is the condition under test, as above.)

@@ -182,6 +182,40 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Settles an origin response's framing before anything else reads it. hyper's client read a
+/// response with `Transfer-Encoding: chunked` as chunked but leaves a `Content-Length` beside it,
+/// which describes nothing, and once `Transfer-Encoding` (hop-by-hop) is dropped would frame the
+/// client's copy: a body cut short that looks whole, or a length the cache disagrees with. It is
+/// removed (RFC 9112 §6.3). Any other transfer coding (`gzip, chunked`, or one read until close)
+/// leaves the body coded in a way no client is told of once the field is gone: an error, as
+/// nginx's "upstream sent unknown Transfer-Encoding".
+pub fn settle_response_framing(headers: &mut HeaderMap) -> Result<(), String> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match (codings.next(), codings.next()) {
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => {
+            headers.remove(header::CONTENT_LENGTH);
+            Ok(())
+        }
+        _ => Err(format!(
+            "the origin sent Transfer-Encoding {:?}, which cannot be forwarded",
+            headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .map(|line| String::from_utf8_lossy(line.as_bytes()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 /// Cleans an origin's response headers for the client.
 pub fn to_client(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);

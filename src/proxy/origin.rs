@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::ProxyBody;
+use super::headers;
 use crate::config::Config;
 use crate::metrics::Histogram;
 
@@ -278,7 +279,12 @@ impl Origin {
                 None => (Box::pin(self.connect()).await?, false, None),
             };
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(response, sender, slot)),
+                Ok(mut response) => {
+                    // Refused, the connection goes with `sender`: its framing cannot be trusted.
+                    headers::settle_response_framing(response.headers_mut())
+                        .map_err(OriginError::Failed)?;
+                    return Ok(self.wrap(response, sender, slot));
+                }
                 Err(mut error) => match (error.take_message(), replay.take()) {
                     // The origin closed a kept-alive connection before our request went out on it
                     // (its idle timeout met our reuse): nothing was sent, so another connection may
