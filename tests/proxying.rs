@@ -125,7 +125,8 @@ async fn via_forwarded_and_host_headers() {
         Some("example.test")
     );
 
-    // Without a client X-Forwarded-For the proxy starts one; present X-Forwarded-* are kept.
+    // Without a client X-Forwarded-For the proxy starts one; a present X-Forwarded-Proto is kept,
+    // while X-Forwarded-Host is always the keyed host (see the test below).
     get(
         &proxy.url("/fwd2"),
         &[
@@ -145,12 +146,33 @@ async fn via_forwarded_and_host_headers() {
     );
     assert_eq!(
         origin.last_header("/fwd2", "x-forwarded-host").as_deref(),
-        Some("public.example")
+        Some("second.test")
     );
     assert_eq!(
         origin.last_header("/fwd2", "host").as_deref(),
         Some("second.test")
     );
+}
+
+/// An origin that builds its links from `X-Forwarded-Host` (as frameworks behind a proxy do) cannot
+/// be made to store one client's host in everyone's copy: the field it gets is the keyed host.
+#[tokio::test]
+async fn a_client_x_forwarded_host_cannot_poison_the_stored_answer() {
+    let origin = MockOrigin::start(|r| {
+        let host = r.header("x-forwarded-host").unwrap_or_default();
+        Reply::ok(format!("<a href=\"http://{host}/next\">")).cc("max-age=60")
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+    let attack = get(
+        &proxy.url("/page"),
+        &[("host", "shop.test"), ("x-forwarded-host", "evil.test")],
+    )
+    .await;
+    assert_eq!(attack.x_cache(), "MISS");
+    let victim = get(&proxy.url("/page"), &[("host", "shop.test")]).await;
+    assert_eq!(victim.x_cache(), "HIT-L1");
+    assert_eq!(victim.text(), "<a href=\"http://shop.test/next\">");
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
 //! Header rules of an intermediary: hop-by-hop fields removed both ways (RFC 9110 §7.6.1), `Via`,
-//! `X-Forwarded-For/-Proto/-Host` added toward the origin, the client's `Host` kept.
+//! `X-Forwarded-For/-Proto/-Host` added toward the origin, the keyed `Host` sent.
 
 use std::net::IpAddr;
 
@@ -116,7 +116,7 @@ pub fn to_origin(headers: &mut HeaderMap, version: Version, client_ip: IpAddr, h
     if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    // A trusted load balancer in front of Strata knows the client's real scheme and host: keep its values.
+    // A trusted load balancer in front of Strata knows the client's real scheme: keep its value.
     headers
         .entry(X_FORWARDED_PROTO)
         .or_insert(const { HeaderValue::from_static("http") });
@@ -131,8 +131,12 @@ pub fn to_origin(headers: &mut HeaderMap, version: Version, client_ip: IpAddr, h
             value
         }
     };
+    // Always the keyed host, never a value the request brought: origins build redirects and links
+    // from this field, and an answer built for a client's `X-Forwarded-Host: evil.example` would
+    // be stored under the key of the real host and served to everyone (load balancers such as
+    // AWS's pass a client's value on). The same reason pins `Host`.
     if let Some(host_value) = host_value {
-        headers.entry(X_FORWARDED_HOST).or_insert(host_value);
+        headers.insert(X_FORWARDED_HOST, host_value);
     }
 }
 
