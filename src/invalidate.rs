@@ -666,7 +666,9 @@ fn receive(inner: &Inner, text: &str, last_seq: &mut Option<u64>) {
         return;
     };
     if let Some(last) = *last_seq {
-        if seq > last + 1 {
+        // Saturating: anyone who may PUBLISH can send u64::MAX, and an overflow here (a panic in
+        // debug builds) would end this subscriber, and every purge after it would go unheard.
+        if seq > last.saturating_add(1) {
             flush_l1(
                 inner,
                 &format!("invalidations {}..{} were missed", last + 1, seq - 1),

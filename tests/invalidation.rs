@@ -497,6 +497,34 @@ async fn a_restarted_invalidation_sequence_flushes_l1() {
     );
 }
 
+/// A message numbered u64::MAX (published by anyone who may PUBLISH on the channel) is read like
+/// any other: the next real number looks like a restart (L1 flushed), and B keeps hearing purges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_last_sequence_number_does_not_stop_an_instance_listening() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    wait_until_for("both subscribed", secs(15), || {
+        a.stats().pubsub_reconnects >= 1 && b.stats().pubsub_reconnects >= 1
+    })
+    .await;
+    let forged = format!(
+        "{} {}",
+        u64::MAX,
+        json!({"from": "forged", "purge": {"selector": {"Key": "shared.test/inv/none"}, "soft": false}})
+    );
+    assert_eq!(redis.cli(&["publish", "strata:invalidate", &forged]), "2");
+    wait_until("B received the forged purge", || {
+        b.stats().invalidations_received >= 1
+    })
+    .await;
+    prime(&a, &b, "/inv/after").await;
+
+    purge(&a, json!({"key": "shared.test/inv/after"})).await;
+    b_misses(&b, &origin, "/inv/after", Instant::now()).await;
+}
+
 /// A successful POST through A invalidates the URL on every instance: A deletes it from L2 before
 /// it tells the others, so B, once told, fetches the new version instead of the old one from L2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
