@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::cache::Entry;
 
@@ -54,12 +54,12 @@ pub enum Waited {
 }
 
 impl Follower {
-    /// Waits for the leader, at most `timeout`.
-    pub async fn wait(mut self, timeout: Duration) -> Waited {
+    /// Waits for the leader, until `deadline` at most.
+    pub async fn wait(mut self, deadline: Instant) -> Waited {
         let finished = self
             .state
             .wait_for(|state| !matches!(state, FlightState::Pending));
-        match tokio::time::timeout(timeout, finished).await {
+        match tokio::time::timeout_at(deadline, finished).await {
             Ok(Ok(state)) => match &*state {
                 FlightState::Stored(entry) => Waited::Stored(entry.clone()),
                 FlightState::Failed => Waited::Failed,
@@ -188,6 +188,8 @@ impl Drop for FlightPermit {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -201,7 +203,7 @@ mod tests {
         };
         drop(permit);
         assert!(matches!(
-            follower.wait(Duration::from_secs(5)).await,
+            follower.wait(Instant::now() + Duration::from_secs(5)).await,
             Waited::Released
         ));
         assert!(!coalescer.in_flight("k"));
@@ -215,7 +217,9 @@ mod tests {
             panic!("second join must follow");
         };
         assert!(matches!(
-            follower.wait(Duration::from_millis(10)).await,
+            follower
+                .wait(Instant::now() + Duration::from_millis(10))
+                .await,
             Waited::TimedOut
         ));
     }

@@ -171,6 +171,57 @@ async fn followers_go_to_the_origin_after_cache_lock_timeout() {
     assert!(took >= Duration::from_secs(3));
 }
 
+/// CACHE_LOCK_TIMEOUT bounds a follower's whole wait: one handed another variant of the URL
+/// (`Vary: Accept-Language`) that then follows a second, slow leader waits only what is left of
+/// its one timeout, not a second one. (The wait is the condition under test: 1 s of lock timeout
+/// against the 1.9 s that two would take.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_handed_another_variant_waits_one_cache_lock_timeout_in_all() {
+    let origin = MockOrigin::start(|r| {
+        let reply = Reply::ok(format!("answer-{}", r.hit))
+            .cc("max-age=60")
+            .header("vary", "accept-language");
+        match r.hit {
+            1 => reply.delay(Duration::from_millis(900)),
+            2 => reply.delay(Duration::from_secs(10)),
+            _ => reply,
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_LOCK_TIMEOUT", "1s")]).await;
+    let url = proxy.url("/variants");
+    let send = |language: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = get(&url, &[("accept-language", language)]).await;
+            (resp, started.elapsed())
+        })
+    };
+    let leader = send("en");
+    origin.wait_hits("/variants", 1).await;
+    // Both follow the first leader; handed its `en` copy, one of them leads the second round and
+    // the other follows it.
+    let (mut de, mut fr) = (send("de"), send("fr"));
+    let (resp, took) = tokio::select! {
+        done = &mut de => done.unwrap(),
+        done = &mut fr => done.unwrap(),
+    };
+    assert_eq!((resp.status.as_u16(), resp.x_cache()), (200, "MISS"));
+    assert!(
+        took < Duration::from_millis(1500),
+        "the second-round follower answered after {took:?}: it waited a second CACHE_LOCK_TIMEOUT"
+    );
+    assert_eq!(
+        within("first leader", secs(5), leader)
+            .await
+            .unwrap()
+            .0
+            .text(),
+        "answer-1"
+    );
+}
+
 /// A follower is handed the leader's copy only if the copy satisfies the follower's own request:
 /// one that asks for `max-age=10` does not take a copy already 30 s old (the origin's `Age`), it
 /// asks the origin itself (RFC 9111 §5.2.1.1).

@@ -641,7 +641,9 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let inner = &self.0;
         let directives = request_directives(&parts.headers);
-        // Two rounds: a follower handed another variant of the URL tries once more (and may lead).
+        // Two rounds: a follower handed another variant of the URL tries once more (and may lead),
+        // within one CACHE_LOCK_TIMEOUT in all, as documented.
+        let deadline = tokio::time::Instant::now() + inner.config.lock_timeout;
         for _ in 0..2 {
             let joined_at = inner.clock.now();
             let follower = match inner
@@ -654,7 +656,7 @@ impl Proxy {
                 }
                 Join::Follower(follower) => follower,
             };
-            let waited = follower.wait(inner.config.lock_timeout).await;
+            let waited = follower.wait(deadline).await;
             let now = inner.clock.now();
             match waited {
                 // The leader's copy may be older than this request accepts (its `max-age`,
