@@ -767,6 +767,43 @@ async fn a_fill_too_big_to_store_releases_the_fleet_lock_at_once() {
     }
 }
 
+/// A leader whose answer cannot be stored, and which then asks the origin again for its client's
+/// byte range, lets go of the fleet-wide lock before that second request: the other instances
+/// fetch for themselves meanwhile instead of waiting (up to CACHE_LOCK_TIMEOUT) for a fill that
+/// will store nothing. The origin takes 5 s over the second request's head; B's answer must come
+/// while A still waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_asking_again_for_its_range_releases_the_fleet_lock_first() {
+    let redis = RedisServer::start();
+    let origin = MockOrigin::start(move |req| match req.hit {
+        1 => Reply::ok("whole").cc("no-store"),
+        2 => Reply::ok("ranged")
+            .cc("no-store")
+            .delay(Duration::from_secs(5)),
+        _ => Reply::ok("for b").cc("no-store"),
+    })
+    .await;
+    let settings = [("CACHE_LOCK_TIMEOUT", "30s")];
+    let a = instance(&origin, &redis, &settings).await;
+    let b = instance(&origin, &redis, &settings).await;
+
+    let url = a.url("/ranged");
+    let from_a =
+        tokio::spawn(async move { get(&url, &[("host", HOST), ("range", "bytes=0-1")]).await });
+    // A's second request, for the range, is at the origin.
+    origin.wait_hits("/ranged", 2).await;
+    let from_b = sget(&b, "/ranged").await;
+    assert_eq!(
+        (from_b.status.as_u16(), from_b.text()),
+        (200, "for b".to_string())
+    );
+    assert!(!from_a.is_finished(), "B waited for A's second request");
+
+    let r = within("A's ranged GET", secs(20), from_a).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "ranged".to_string()));
+    assert_eq!(origin.hits("/ranged"), 3);
+}
+
 /// The scripts that take a write back and rewrite a soft-purged entry act only on the value that
 /// was read (its SHA-1): a copy stored in between, by any instance, is left as it is; a rewrite
 /// keeps the entry's TTL.

@@ -283,7 +283,9 @@ impl Proxy {
                         .await;
                 }
                 // A 304 for some other representation: ask again without validators, store nothing.
+                // The fleet waits on the lock for a result: none is coming.
                 permit.release();
+                drop(lock);
                 return self
                     .forward(copy_parts(&parts), ProxyBody::empty(), target, None, fwd)
                     .await;
@@ -321,7 +323,8 @@ impl Proxy {
                 }
                 tracing::debug!(?reason, status = status.as_u16(), "response not stored");
                 if asked_for_a_range(&parts.headers, status) {
-                    drop(body);
+                    // Nothing will be stored: the fleet need not wait on the lock meanwhile.
+                    drop((body, lock));
                     return self
                         .range_from_origin(parts, target, stored.is_none(), now, fwd)
                         .await;
@@ -344,7 +347,7 @@ impl Proxy {
                     .mark_pass(&target.key, &parts.headers, later(now, PASS_FOR));
             }
             if asked_for_a_range(&parts.headers, status) {
-                drop(body);
+                drop((body, lock));
                 return self
                     .range_from_origin(parts, target, stored.is_none(), now, fwd)
                     .await;
