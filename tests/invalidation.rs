@@ -525,6 +525,39 @@ async fn a_forged_last_sequence_number_does_not_stop_an_instance_listening() {
     b_misses(&b, &origin, "/inv/after", Instant::now()).await;
 }
 
+/// A burst of purges (2,000 published at once, as a fleet's write requests can) is heard in full:
+/// the subscriber does not fall behind its backlog and flush L1, which would empty every instance's
+/// L1 at the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_purges_does_not_flush_l1() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let b = instance(&origin, &redis, ADMIN).await;
+    prime(&a, &b, "/inv/kept").await;
+    let received = b.stats().invalidations_received;
+
+    // Numbered the way instances number theirs, all in one script: Redis sends them back to back.
+    let burst = "for i = 1, 2000 do \
+        local seq = redis.call('incr', KEYS[1]); \
+        redis.call('publish', ARGV[1], seq .. ' ' .. string.format(ARGV[2], i)) end";
+    let message =
+        r#"{"from":"burst","purge":{"selector":{"Key":"shared.test/inv/burst-%d"},"soft":false}}"#;
+    redis.cli(&[
+        "eval",
+        burst,
+        "1",
+        "strata:invalidate:seq",
+        "strata:invalidate",
+        message,
+    ]);
+    wait_until_for("B heard the whole burst", secs(20), || {
+        b.stats().invalidations_received >= received + 2000
+    })
+    .await;
+    expect(&sget(&b, "/inv/kept").await, "HIT-L1", "/inv/kept v1");
+}
+
 /// A successful POST through A invalidates the URL on every instance: A deletes it from L2 before
 /// it tells the others, so B, once told, fetches the new version instead of the old one from L2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1400,6 +1400,11 @@ async fn decode_off_runtime(value: Bytes, max_body: u64) -> Result<Slot, CodecEr
         .unwrap_or(Err(CodecError::Payload))
 }
 
+/// Messages a subscriber may fall behind by before it must assume it missed one (and flush L1).
+/// fred's default is 32: a burst of purges (every successful write request in the fleet sends
+/// one) arriving while the runtime is busy would flush every instance's L1 at once.
+const SUBSCRIBER_BACKLOG: usize = 4096;
+
 /// A client that only listens (a subscription): it runs no command with a deadline of its own, and
 /// reconnects forever, 100 ms doubling to 2 s.
 pub(super) fn listening_client(
@@ -1410,6 +1415,7 @@ pub(super) fn listening_client(
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
         })
+        .with_performance_config(|p| p.broadcast_channel_capacity = SUBSCRIBER_BACKLOG)
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()
 }
