@@ -814,6 +814,57 @@ async fn options_asterisk_reaches_the_origin_as_asterisk() {
     assert_eq!(requests[0].1.to_string(), "*");
 }
 
+/// CONNECT and TRACE never reach the origin: 405 with `Allow`. OPTIONS with `Max-Forwards: 0` is
+/// answered by Strata as its final recipient; with a larger value it goes on, one lower
+/// (RFC 9110 §7.6.2).
+#[tokio::test]
+async fn trace_is_refused_and_options_counts_max_forwards() {
+    let origin = MockOrigin::start(|_| Reply::status(204, "")).await;
+    let proxy = TestProxy::start(&origin.url(), &[]).await;
+
+    let trace = request("TRACE", &proxy.url("/t"), &[], Bytes::new()).await;
+    assert_eq!(trace.status, 405);
+    let allow = trace.header("allow").unwrap_or_default();
+    assert!(
+        allow.contains("GET") && !allow.contains("TRACE"),
+        "{allow:?}"
+    );
+    let (connect, _closed) = raw_exchange(
+        proxy.addr,
+        b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let connect = String::from_utf8_lossy(&connect).to_ascii_lowercase();
+    assert!(
+        connect.starts_with("http/1.1 405") && connect.contains("\r\nallow: "),
+        "{connect}"
+    );
+
+    let here = request(
+        "OPTIONS",
+        &proxy.url("/o"),
+        &[("max-forwards", "0")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(here.status, 200);
+    assert!(here.header("allow").is_some_and(|a| a.contains("OPTIONS")));
+    assert_eq!(origin.total(), 0, "neither reached the origin");
+
+    let on = request(
+        "OPTIONS",
+        &proxy.url("/o"),
+        &[("max-forwards", "3")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(on.status, 204);
+    assert_eq!(
+        origin.last_header("/o", "max-forwards").as_deref(),
+        Some("2")
+    );
+}
+
 /// An origin may close a long-idle kept-alive connection just as a request goes out on it. A GET
 /// without a body is idempotent and is sent once more on a new connection; a POST never is.
 /// (The wait is the condition under test: only connections idle for 1 s or more are replayed.)

@@ -220,6 +220,25 @@ pub fn settle_response_framing(headers: &mut HeaderMap) -> Result<(), String> {
     }
 }
 
+/// `Max-Forwards` of a request Strata is about to forward (RFC 9110 §7.6.2): its value, lowered by
+/// one in `headers` when above zero. `None` (and left as it is) when absent or not one number.
+pub fn take_a_forward(headers: &mut HeaderMap) -> Option<u64> {
+    let mut lines = headers.get_all(header::MAX_FORWARDS).iter();
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return None;
+    };
+    let text = line.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: a value too large for u64 is as good as unlimited.
+    let hops = text.parse::<u64>().unwrap_or(u64::MAX);
+    if hops > 0 {
+        headers.insert(header::MAX_FORWARDS, HeaderValue::from(hops - 1));
+    }
+    Some(hops)
+}
+
 /// Cleans an origin's response headers for the client.
 pub fn to_client(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
@@ -249,6 +268,42 @@ pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_forwards_is_lowered_by_one_hop() {
+        let forwarded = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::MAX_FORWARDS, HeaderValue::from_static(value));
+            let hops = take_a_forward(&mut headers);
+            (
+                hops,
+                headers[header::MAX_FORWARDS]
+                    .to_str()
+                    .map(str::to_owned)
+                    .ok(),
+            )
+        };
+        assert_eq!(forwarded("3"), (Some(3), Some("2".into())));
+        assert_eq!(forwarded(" 1 "), (Some(1), Some("0".into())));
+        assert_eq!(forwarded("0"), (Some(0), Some("0".into())));
+        let huge = "99999999999999999999999";
+        assert_eq!(
+            forwarded(huge),
+            (Some(u64::MAX), Some((u64::MAX - 1).to_string()))
+        );
+        for invalid in ["", "-1", "two", "1, 2"] {
+            assert_eq!(
+                forwarded(invalid),
+                (None, Some(invalid.into())),
+                "{invalid:?}"
+            );
+        }
+        let mut twice = HeaderMap::new();
+        twice.append(header::MAX_FORWARDS, HeaderValue::from_static("0"));
+        twice.append(header::MAX_FORWARDS, HeaderValue::from_static("0"));
+        assert_eq!(take_a_forward(&mut twice), None);
+        assert_eq!(take_a_forward(&mut HeaderMap::new()), None);
+    }
 
     #[test]
     fn forwarded_for_is_the_address_as_displayed() {

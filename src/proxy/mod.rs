@@ -499,11 +499,16 @@ impl Proxy {
         }
         match *request.method() {
             // A reverse proxy is no tunnel: CONNECT would let clients reach arbitrary hosts.
-            Method::CONNECT => respond::text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "405 Method Not Allowed: CONNECT\n",
-                Detail::Bypass,
-            ),
+            Method::CONNECT => respond::method_not_allowed("405 Method Not Allowed: CONNECT\n"),
+            // TRACE would echo to the client what the load balancer and Strata added to its
+            // request (as nginx, and Apache's `TraceEnable off`, refuse it).
+            Method::TRACE => respond::method_not_allowed("405 Method Not Allowed: TRACE\n"),
+            // RFC 9110 §7.6.2: OPTIONS with Max-Forwards: 0 is answered here, as its final
+            // recipient; a larger value goes on one lower.
+            Method::OPTIONS => match headers::take_a_forward(request.headers_mut()) {
+                Some(0) => respond::options_here(),
+                _ => self.pass_unsafe(request, target).await,
+            },
             // Other methods, and a GET or HEAD with a body (not what its URL names): passed
             // through, body and all.
             _ => self.pass_unsafe(request, target).await,

@@ -277,6 +277,31 @@ pub fn text(status: StatusCode, message: &'static str, detail: Detail) -> Respon
     response
 }
 
+/// The methods Strata forwards as a matter of course, for `Allow`: other methods reach the origin
+/// too (WebDAV's, for example); CONNECT and TRACE never do.
+const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE";
+
+/// `405` for a method Strata never forwards, with the `Allow` that RFC 9110 §15.5.6 requires.
+pub fn method_not_allowed(message: &'static str) -> Response<ProxyBody> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, message, Detail::Bypass);
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+    response
+}
+
+/// The answer to `OPTIONS` with `Max-Forwards: 0`, which Strata gives as its final recipient
+/// (RFC 9110 §9.3.7, §7.6.2).
+pub fn options_here() -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::empty());
+    let headers = response.headers_mut();
+    headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    mark(headers, Detail::Bypass, None);
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
