@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -28,12 +29,15 @@ pub enum FlightState {
 
 struct Flight {
     state: watch::Sender<FlightState>,
+    /// When its leader joined.
+    started: Instant,
 }
 
-#[derive(Default)]
 pub struct Coalescer {
     // std Mutex: held only to look up or change the map, never across an .await.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// How long one fill keeps its key to itself (see [`Coalescer::join`]).
+    reopen_after: Duration,
 }
 
 pub enum Join {
@@ -73,23 +77,39 @@ impl Follower {
 }
 
 impl Coalescer {
-    pub fn new() -> Arc<Coalescer> {
-        Arc::new(Coalescer::default())
+    /// `reopen_after`: CACHE_LOCK_TIMEOUT, past which a fill no longer holds its key.
+    pub fn new(reopen_after: Duration) -> Arc<Coalescer> {
+        Arc::new(Coalescer {
+            flights: Mutex::default(),
+            reopen_after,
+        })
     }
 
     /// Becomes the leader for `key`, or a follower of the fill already under way.
+    ///
+    /// A fill whose leader joined `reopen_after` ago or more no longer takes followers: the
+    /// request leads a fill of its own (as nginx's `proxy_cache_lock_age`). An origin slow to
+    /// answer, or trickling a body out, would otherwise hold the key for as long as it takes, each
+    /// request meanwhile waiting its whole CACHE_LOCK_TIMEOUT for it. The older fill goes on; its
+    /// followers still get its result, and it still stores it.
     ///
     /// `purge_generation` is read by the caller before joining: every purge recorded after it is
     /// one the fill must not undo (see `crate::invalidate::PurgeLog`).
     pub fn join(self: &Arc<Self>, key: &str, purge_generation: u64) -> Join {
         let mut flights = self.lock();
+        let now = Instant::now();
         if let Some(flight) = flights.get(key) {
-            return Join::Follower(Follower {
-                state: flight.state.subscribe(),
-            });
+            if now.saturating_duration_since(flight.started) < self.reopen_after {
+                return Join::Follower(Follower {
+                    state: flight.state.subscribe(),
+                });
+            }
         }
         let (state, _) = watch::channel(FlightState::Pending);
-        let flight = Arc::new(Flight { state });
+        let flight = Arc::new(Flight {
+            state,
+            started: now,
+        });
         flights.insert(key.to_string(), flight.clone());
         Join::Leader(FlightPermit {
             coalescer: self.clone(),
@@ -188,13 +208,11 @@ impl Drop for FlightPermit {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[tokio::test]
     async fn dropped_leader_releases_followers() {
-        let coalescer = Coalescer::new();
+        let coalescer = Coalescer::new(Duration::from_secs(5));
         let Join::Leader(permit) = coalescer.join("k", 0) else {
             panic!("first join must lead");
         };
@@ -209,9 +227,35 @@ mod tests {
         assert!(!coalescer.in_flight("k"));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_fill_older_than_the_lock_age_takes_no_followers() {
+        let coalescer = Coalescer::new(Duration::from_secs(5));
+        let Join::Leader(first) = coalescer.join("k", 0) else {
+            panic!("first join must lead");
+        };
+        let Join::Follower(early) = coalescer.join("k", 0) else {
+            panic!("a join inside the lock age follows");
+        };
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let Join::Leader(second) = coalescer.join("k", 0) else {
+            panic!("the key is open again");
+        };
+        assert!(matches!(coalescer.join("k", 0), Join::Follower(_)));
+        // The first fill finishing still answers its own followers, and leaves the second
+        // fill's flight in place.
+        first.release();
+        assert!(matches!(
+            early.wait(Instant::now() + Duration::from_secs(60)).await,
+            Waited::Released
+        ));
+        assert!(coalescer.in_flight("k"));
+        drop(second);
+        assert!(!coalescer.in_flight("k"));
+    }
+
     #[tokio::test]
     async fn follower_times_out() {
-        let coalescer = Coalescer::new();
+        let coalescer = Coalescer::new(Duration::from_secs(5));
         let _leader = coalescer.join("k", 0);
         let Join::Follower(follower) = coalescer.join("k", 0) else {
             panic!("second join must follow");

@@ -222,6 +222,65 @@ async fn a_follower_handed_another_variant_waits_one_cache_lock_timeout_in_all()
     );
 }
 
+/// A fill older than CACHE_LOCK_TIMEOUT no longer holds its key (nginx's `proxy_cache_lock_age`):
+/// with the first answer's body trickling (held here), a later request leads a fill of its own and
+/// stores it, and the next one is a hit, instead of each waiting the timeout and fetching alone.
+/// (The 400 ms pause is the condition under test: the first fill's age passing the timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_older_than_cache_lock_timeout_lets_the_next_request_lead() {
+    let gate = Arc::new(Notify::new());
+    let origin = {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            let reply = if r.hit == 1 {
+                Reply::gated("held ", gate.clone(), "body")
+            } else {
+                Reply::ok("fresh")
+            };
+            reply.cc("max-age=60")
+        })
+        .await
+    };
+    let proxy = TestProxy::start(&origin.url(), &[("CACHE_LOCK_TIMEOUT", "300ms")]).await;
+    let url = proxy.url("/trickle");
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { get(&url, &[]).await })
+    };
+    origin.wait_hits("/trickle", 1).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let second = get(&url, &[]).await;
+    assert_eq!(
+        (second.x_cache(), second.text()),
+        ("MISS", "fresh".to_string())
+    );
+    assert!(
+        second
+            .header("cache-status")
+            .is_some_and(|s| s.contains("stored")),
+        "{:?}",
+        second.headers
+    );
+    let third = get(&url, &[]).await;
+    assert_eq!(
+        (third.x_cache(), third.text()),
+        ("HIT-L1", "fresh".to_string())
+    );
+    assert_eq!(origin.hits("/trickle"), 2);
+
+    gate.notify_one();
+    let first = within("the held fill", secs(10), first).await.unwrap();
+    assert_eq!(first.text(), "held body");
+    // The held fill, finished last (its client's body ends once it has settled), does not
+    // replace the more recent response.
+    let fourth = get(&url, &[]).await;
+    assert_eq!(
+        (fourth.x_cache(), fourth.text()),
+        ("HIT-L1", "fresh".to_string())
+    );
+}
+
 /// A follower is handed the leader's copy only if the copy satisfies the follower's own request:
 /// one that asks for `max-age=10` does not take a copy already 30 s old (the origin's `Age`), it
 /// asks the origin itself (RFC 9111 §5.2.1.1).

@@ -169,6 +169,9 @@ impl Cache {
         now: SystemTime,
         since: u64,
     ) {
+        if self.holds_newer(key, &entry, request_headers) {
+            return;
+        }
         let placement = self.store_l1(key, &entry, request_headers);
         if let Some(l2) = &self.l2 {
             for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
@@ -187,12 +190,33 @@ impl Cache {
         now: SystemTime,
         since: u64,
     ) {
+        if self.holds_newer(key, &entry, request_headers) {
+            return;
+        }
         let placement = self.store_l1(key, &entry, request_headers);
         if let Some(l2) = &self.l2 {
             for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
                 l2.put_now(&l2_key, &slot, ttl, since).await;
             }
         }
+    }
+
+    /// Whether L1 holds a response for this request received after `entry` was: a fill that
+    /// outlived CACHE_LOCK_TIMEOUT finishes after the fill that reopened its key, and the most
+    /// recent response is the one to keep (RFC 9111 §4).
+    fn holds_newer(&self, key: &str, entry: &Entry, request_headers: &HeaderMap) -> bool {
+        let stored = match self.l1.get(key) {
+            Some(Slot::Entry(stored)) => Some(stored),
+            Some(Slot::Vary(record)) => {
+                let variant = variant_key(key, record.nonce, &record.names, request_headers);
+                match self.l1.get(&variant) {
+                    Some(Slot::Entry(stored)) => Some(stored),
+                    _ => None,
+                }
+            }
+            Some(Slot::Pass(_)) | None => None,
+        };
+        stored.is_some_and(|stored| stored.response_time > entry.response_time)
     }
 
     fn store_l1(&self, key: &str, entry: &Arc<Entry>, request_headers: &HeaderMap) -> Placement {

@@ -258,7 +258,7 @@ impl Proxy {
         let stores = cache.l2().map_or(0, |l2| l2.store_count());
         let proxy = Proxy(Arc::new(Inner {
             cache,
-            coalescer: Coalescer::new(),
+            coalescer: Coalescer::new(config.lock_timeout),
             origin,
             stats: Stats::default(),
             clock: Clock::default(),
