@@ -1,9 +1,12 @@
 //! Tracing set-up: `RUST_LOG` filters, `LOG_FORMAT` picks text or JSON lines; `LOG_REDACT_KEYS`
 //! hashes cache keys and paths before they reach a log line. Lines are written to stdout in
-//! batches (see [`BufferedLog`]): one `write(2)` per access-log line cost a sixth of a cache hit.
+//! batches by a thread of their own (see [`BufferedLog`]): one `write(2)` per access-log line cost a
+//! sixth of a cache hit, and a blocked stdout must never stop a request.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ const BATCH_BYTES: usize = 32 * 1024;
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The process's log output, kept so [`flush`] can empty it at exit.
-static STDOUT_LOG: OnceLock<BufferedLog<std::io::Stdout>> = OnceLock::new();
+static STDOUT_LOG: OnceLock<BufferedLog> = OnceLock::new();
 /// The format of access lines, which [`access`] writes itself (see there).
 static ACCESS_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
@@ -62,10 +65,11 @@ pub fn init(format: LogFormat, filter: &str) {
     }
 }
 
-/// Writes out what the log holds (call before the process exits).
+/// Writes out what the log holds (call before the process exits); waits for a blocked stdout for
+/// a moment at most.
 pub fn flush() {
     if let Some(log) = STDOUT_LOG.get() {
-        log.flush_batch();
+        log.sync(Duration::from_secs(2));
     }
 }
 
@@ -194,19 +198,36 @@ fn push_json_str(line: &mut Vec<u8>, text: &str) {
     }
 }
 
-/// Log lines gathered in memory and written to `sink` in batches: when a batch passes
-/// [`BATCH_BYTES`], every [`FLUSH_INTERVAL`], and at once (with everything before it, in order) for a
-/// warning or an error, which an operator may be waiting for.
-pub struct BufferedLog<W: Write> {
-    shared: Arc<Mutex<Batch<W>>>,
+/// Log lines gathered in memory and handed in batches to a thread that writes them to `sink`: when a
+/// batch passes [`BATCH_BYTES`], every [`FLUSH_INTERVAL`], and at once (with everything before it,
+/// in order) for a warning or an error, which an operator may be waiting for.
+///
+/// Nothing that logs ever waits for `sink`: a stdout that blocks (a stalled log collector, a full
+/// pipe) would otherwise stop every runtime worker at its next warning, and the proxy with them.
+/// Past [`QUEUED_BATCHES`] waiting for the writer, batches are dropped, counted, and reported by the
+/// writer once it catches up.
+pub struct BufferedLog {
+    shared: Arc<Shared>,
 }
 
-struct Batch<W> {
-    lines: Vec<u8>,
-    sink: W,
+struct Shared {
+    /// The batch being gathered. std Mutex: held to append or take it, never while writing.
+    lines: Mutex<Vec<u8>>,
+    to_writer: SyncSender<ToWriter>,
+    /// Lines dropped since a batch last said so.
+    dropped: AtomicU64,
 }
 
-impl<W: Write> Clone for BufferedLog<W> {
+enum ToWriter {
+    Lines(Vec<u8>),
+    /// Answered once everything sent before it is written.
+    Synced(std::sync::mpsc::Sender<()>),
+}
+
+/// Batches waiting for the writer thread at most (2 MiB of lines).
+const QUEUED_BATCHES: usize = 64;
+
+impl Clone for BufferedLog {
     fn clone(&self) -> Self {
         BufferedLog {
             shared: self.shared.clone(),
@@ -214,49 +235,127 @@ impl<W: Write> Clone for BufferedLog<W> {
     }
 }
 
-impl<W: Write> BufferedLog<W> {
-    pub fn new(sink: W) -> Self {
+impl BufferedLog {
+    pub fn new<W: Write + Send + 'static>(sink: W) -> Self {
+        let (to_writer, from_loggers) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
+        let spawned = std::thread::Builder::new()
+            .name("strata-log-write".into())
+            .spawn(move || write_batches(sink, &from_loggers));
+        if let Err(error) = spawned {
+            // Every batch is then dropped (the channel has no receiver); the proxy still serves.
+            eprintln!("strata: cannot start the log writer, log lines are lost: {error}");
+        }
         BufferedLog {
-            shared: Arc::new(Mutex::new(Batch {
-                lines: Vec::with_capacity(BATCH_BYTES + 4096),
-                sink,
-            })),
+            shared: Arc::new(Shared {
+                lines: Mutex::new(Vec::with_capacity(BATCH_BYTES + 4096)),
+                to_writer,
+                dropped: AtomicU64::new(0),
+            }),
         }
     }
 
+    /// Hands what was gathered to the writer.
     pub fn flush_batch(&self) {
-        let mut batch = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        batch.write_out();
+        let mut lines = self
+            .shared
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.send(&mut lines);
+    }
+
+    /// Hands what was gathered to the writer and waits, at most `limit`, until it is written.
+    pub fn sync(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        self.flush_batch();
+        let (done, written) = std::sync::mpsc::channel();
+        let mut ask = ToWriter::Synced(done);
+        // The queue may be full behind a blocked output: no blocking send, a bounded wait.
+        loop {
+            match self.shared.to_writer.try_send(ask) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) if std::time::Instant::now() < deadline => {
+                    ask = again;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = written.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     fn append(&self, line: &[u8], urgent: bool) {
-        let mut batch = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        batch.lines.extend_from_slice(line);
-        if urgent || batch.lines.len() >= BATCH_BYTES {
-            batch.write_out();
+        let mut lines = self
+            .shared
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        lines.extend_from_slice(line);
+        if urgent || lines.len() >= BATCH_BYTES {
+            self.send(&mut lines);
+        }
+    }
+
+    /// Sends the gathered lines to the writer, or drops them if it is too far behind.
+    fn send(&self, lines: &mut Vec<u8>) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::replace(lines, Vec::with_capacity(BATCH_BYTES + 4096));
+        // The first batch through after a loss says so, where the gap is.
+        let lost = self.shared.dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            batch.splice(0..0, dropped_notice(lost));
+        }
+        if let Err(TrySendError::Full(ToWriter::Lines(batch)))
+        | Err(TrySendError::Disconnected(ToWriter::Lines(batch))) =
+            self.shared.to_writer.try_send(ToWriter::Lines(batch))
+        {
+            let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+            // The notice's own line was not a log line.
+            let count = lines - u64::from(lost > 0) + lost;
+            self.shared.dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
 }
 
-impl<W: Write> Batch<W> {
-    fn write_out(&mut self) {
-        if self.lines.is_empty() {
-            return;
+/// The writer thread: writes each batch in order.
+fn write_batches<W: Write>(mut sink: W, batches: &Receiver<ToWriter>) {
+    for message in batches {
+        match message {
+            ToWriter::Lines(lines) => {
+                // A log that cannot be written (stdout closed) must not take the proxy down.
+                let _ = sink.write_all(&lines);
+                let _ = sink.flush();
+            }
+            ToWriter::Synced(done) => {
+                let _ = sink.flush();
+                let _ = done.send(());
+            }
         }
-        // A log that cannot be written (stdout closed) must not take the proxy down: drop the batch.
-        let _ = self.sink.write_all(&self.lines);
-        let _ = self.sink.flush();
-        self.lines.clear();
     }
+}
+
+/// The line that reports `lost` dropped lines, in the log's format.
+fn dropped_notice(lost: u64) -> Vec<u8> {
+    let message = format!("{lost} log lines were dropped: the log output did not keep up");
+    let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    match ACCESS_FORMAT.get() {
+        Some(LogFormat::Json) => format!(
+            "{{\"timestamp\":\"{stamp}\",\"level\":\"WARN\",\"message\":\"{message}\",\"target\":\"strata::telemetry\"}}\n"
+        ),
+        _ => format!("{stamp}  WARN strata::telemetry: {message}\n"),
+    }
+    .into_bytes()
 }
 
 /// One event's writer: tracing-subscriber formats the whole line, then writes it here once.
-pub struct LogLine<'a, W: Write> {
-    log: &'a BufferedLog<W>,
+pub struct LogLine<'a> {
+    log: &'a BufferedLog,
     urgent: bool,
 }
 
-impl<W: Write> Write for LogLine<'_, W> {
+impl Write for LogLine<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.log.append(buf, self.urgent);
         Ok(buf.len())
@@ -267,8 +366,8 @@ impl<W: Write> Write for LogLine<'_, W> {
     }
 }
 
-impl<'a, W: Write + 'a> MakeWriter<'a> for BufferedLog<W> {
-    type Writer = LogLine<'a, W>;
+impl<'a> MakeWriter<'a> for BufferedLog {
+    type Writer = LogLine<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
         LogLine {
@@ -337,6 +436,9 @@ mod tests {
         String::from_utf8_lossy(&sink.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
     }
 
+    /// Long enough for the writer thread on a loaded machine; the tests wait for its answer.
+    const WAIT: Duration = Duration::from_secs(10);
+
     #[test]
     fn info_lines_wait_for_a_batch_warnings_take_everything_out_in_order() -> std::io::Result<()> {
         let sink = Shared::default();
@@ -347,9 +449,11 @@ mod tests {
         line("access 2\n", false)?;
         assert_eq!(written(&sink), "", "info lines are batched");
         line("warning\n", true)?;
+        // Written by the writer thread: `sync` with an empty batch waits for it alone.
+        log.sync(WAIT);
         assert_eq!(written(&sink), "access 1\naccess 2\nwarning\n");
         line("access 3\n", false)?;
-        log.flush_batch();
+        log.sync(WAIT);
         assert_eq!(written(&sink), "access 1\naccess 2\nwarning\naccess 3\n");
         Ok(())
     }
@@ -367,7 +471,80 @@ mod tests {
             }
             .write_all(text.as_bytes())?;
         }
+        let (done, written_out) = std::sync::mpsc::channel();
+        // Not `sync`, which would hand over the batch itself: the writer is only asked when done.
+        let _ = log.shared.to_writer.send(ToWriter::Synced(done));
+        let _ = written_out.recv_timeout(WAIT);
         assert_eq!(written(&sink).len(), lines * text.len());
+        Ok(())
+    }
+
+    /// A sink that blocks every write until it is opened, as a stalled pipe does.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        out: Shared,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut is_open = open.lock().unwrap_or_else(PoisonError::into_inner);
+            while !*is_open {
+                is_open = opened.wait(is_open).unwrap_or_else(PoisonError::into_inner);
+            }
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_output_drops_lines_instead_of_blocking_the_logger() -> std::io::Result<()> {
+        let sink = Stalled::default();
+        let log = BufferedLog::new(sink.clone());
+        // Every warning is a batch of its own: far more than the writer may have queued.
+        let warnings = QUEUED_BATCHES * 4;
+        for n in 0..warnings {
+            LogLine {
+                log: &log,
+                urgent: true,
+            }
+            .write_all(format!("warning {n}\n").as_bytes())?;
+        }
+        let dropped = log.shared.dropped.load(Ordering::Relaxed);
+        assert!(
+            dropped >= (warnings - QUEUED_BATCHES - 1) as u64,
+            "{dropped}"
+        );
+
+        {
+            let (open, opened) = &*sink.open;
+            *open.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            opened.notify_all();
+        }
+        // The writer catches up with what it had queued; the next line says what was lost.
+        log.sync(WAIT);
+        LogLine {
+            log: &log,
+            urgent: true,
+        }
+        .write_all(b"after\n")?;
+        log.sync(WAIT);
+        let text = written(&sink.out);
+        let lines: Vec<&str> = text.lines().collect();
+        // Those the writer took before it blocked, then the notice where the gap is, then the rest.
+        let kept = lines.len() - 2;
+        assert_eq!(kept as u64 + dropped, warnings as u64, "{text}");
+        for (n, line) in lines[..kept].iter().enumerate() {
+            assert_eq!(*line, format!("warning {n}"));
+        }
+        assert!(
+            lines[kept].ends_with(&format!("WARN strata::telemetry: {dropped} log lines were dropped: the log output did not keep up")),
+            "{text}"
+        );
+        assert_eq!(lines[kept + 1], "after");
         Ok(())
     }
 }

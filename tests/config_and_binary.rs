@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use strata::config::Config;
 use support::binary::{scratch_dir, send_sigterm, strata, take_logs, wait_exit, wait_listening};
-use support::{free_addr, get, refused_url, wait_until, MockOrigin, Reply};
+use support::{free_addr, get, refused_url, secs, wait_until, within, MockOrigin, Reply};
 
 /// Runs the binary with `vars` (plus free listen/admin ports), expects exit status 2 and returns
 /// its stderr.
@@ -305,6 +305,45 @@ fn from_vars_rejects_bad_redis_settings_naming_them() {
             Err(e) => assert!(e.to_string().contains(name), "{name}={value:?}: {e}"),
         }
     }
+}
+
+/// A stdout nobody reads (a stalled log collector: the pipe fills at 64 KiB) does not stop Strata:
+/// a thousand requests that each log a warning (the origin refuses connections) are all answered,
+/// and /health still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_stdout_does_not_stop_strata() {
+    let dir = scratch_dir("stalled-log");
+    let err_path = dir.join("stderr.log");
+    let (listen, admin) = (free_addr(), free_addr());
+    let (origin, listen_s, admin_s) = (refused_url(), listen.to_string(), admin.to_string());
+    // The read end stays in `child` and is never read.
+    let mut child = strata(
+        &[
+            ("ORIGIN_URL", &origin),
+            ("LISTEN_ADDR", &listen_s),
+            ("ADMIN_ADDR", &admin_s),
+        ],
+        Stdio::piped(),
+        Stdio::from(std::fs::File::create(&err_path).unwrap()),
+    );
+    wait_listening(&mut child, &[listen, admin], &err_path).await;
+    let url = format!("http://{listen}/refused");
+    for n in 0..1000 {
+        let r = within(
+            "a request while stdout is blocked",
+            secs(10),
+            get(&url, &[]),
+        )
+        .await;
+        assert_eq!(r.status, 502, "request {n}");
+    }
+    let health = get(&format!("http://{admin}/health"), &[]).await;
+    assert_eq!(health.status, 200);
+    send_sigterm(&child);
+    // Exits although its last lines cannot be written (it waits for them 2 s at most).
+    let status = wait_exit(&mut child, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// SIGTERM while start-up still waits for Redis (here one that accepts connections and never
