@@ -824,18 +824,20 @@ async fn a_tag_purge_pages_through_a_large_tag() {
         expect(&sget(&a, path).await, "MISS", "v1");
     }
     flush_l2(&a).await;
-    // 2,500 more names in the set (entries expired since, say): three pages.
-    let set = "strata:t:big";
+    // 2,500 more names in the index (entries purged by hand since, say): three pages.
+    let set = "strata:tz:big";
     let names: Vec<String> = (0..2500).map(|i| format!("{HOST}/gone/{i}")).collect();
-    let mut sadd = vec!["sadd", set];
-    sadd.extend(names.iter().map(String::as_str));
-    assert_eq!(redis.cli(&sadd), "2500");
-    assert_eq!(redis.cli(&["scard", set]), "2502");
+    let mut zadd = vec!["zadd", set];
+    for name in &names {
+        zadd.extend(["1e15", name.as_str()]);
+    }
+    assert_eq!(redis.cli(&zadd), "2500");
+    assert_eq!(redis.cli(&["zcard", set]), "2502");
 
     let soft = purge(&a, json!({"tags": ["big"], "soft": true})).await;
     assert_eq!(soft["l2_removed"], 2, "{soft}");
     assert_eq!(
-        redis.cli(&["scard", set]),
+        redis.cli(&["zcard", set]),
         "2502",
         "a soft purge keeps the set"
     );
@@ -853,10 +855,72 @@ async fn a_tag_purge_pages_through_a_large_tag() {
     }
     flush_l2(&a).await;
     assert_eq!(
-        redis.cli(&["scard", set]),
+        redis.cli(&["zcard", set]),
         "2",
         "refilled entries are indexed again"
     );
+}
+
+/// A tag's index forgets the names of entries that expired as new names come: URLs that differ
+/// only in their query (a crawler, a cache-buster) no longer grow it in Redis for as long as the
+/// tag is written, and a purge does not page through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_index_drops_the_names_of_expired_entries() {
+    let redis = RedisServer::start();
+    let origin = MockOrigin::start(|r| {
+        let lifetime = if r.path.starts_with("/short") {
+            "max-age=1"
+        } else {
+            "max-age=300"
+        };
+        Reply::ok("tagged")
+            .cc(lifetime)
+            .header("surrogate-key", "crawled")
+    })
+    .await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    let index = "strata:tz:crawled";
+    for n in 0..20 {
+        expect(&sget(&a, &format!("/short?n={n}")).await, "MISS", "tagged");
+    }
+    flush_l2(&a).await;
+    assert_eq!(redis.cli(&["zcard", index]), "20");
+    wait_until_for("the short-lived entries expire in Redis", secs(15), || {
+        redis.keys().iter().all(|key| !key.contains("/short"))
+    })
+    .await;
+
+    expect(&sget(&a, "/long").await, "MISS", "tagged");
+    flush_l2(&a).await;
+    assert_eq!(redis.cli(&["zrange", index, "0", "-1"]), "shared.test/long");
+    assert!(
+        redis.cli(&["pttl", index]).parse::<i64>().unwrap() > 0,
+        "the index still expires"
+    );
+}
+
+/// An index written by an earlier version (a plain set under `t:`) is still purged: entries it
+/// names go, and so does the set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_also_reads_an_earlier_versions_set() {
+    let redis = RedisServer::start();
+    let origin = versioned_origin("max-age=300").await;
+    let a = instance(&origin, &redis, ADMIN).await;
+    expect(&sget(&a, "/tagged/old").await, "MISS", "/tagged/old v1");
+    expect(&sget(&a, "/tagged/new").await, "MISS", "/tagged/new v1");
+    flush_l2(&a).await;
+    // As the earlier version left it: the name in a plain set, not in the sorted one.
+    let name = "shared.test/tagged/old";
+    assert_eq!(redis.cli(&["zrem", "strata:tz:grp", name]), "1");
+    assert_eq!(redis.cli(&["sadd", "strata:t:grp", name]), "1");
+
+    let v = purge(&a, json!({"tags": ["grp"]})).await;
+    assert_eq!(v["l2_removed"], 2, "{v}");
+    for path in ["/tagged/old", "/tagged/new"] {
+        assert_eq!(redis.cli(&["exists", &entry_key(path)]), "0", "{path}");
+    }
+    assert_eq!(redis.cli(&["exists", "strata:t:grp"]), "0");
+    assert_eq!(redis.cli(&["exists", "strata:tz:grp"]), "0");
 }
 
 /// A fill's SET that times out may still land in Redis; its tags are indexed all the same, so a
@@ -884,8 +948,10 @@ async fn an_entry_whose_set_timed_out_is_still_found_by_a_tag_purge() {
     flush_l2(&a).await;
     let entry = "strata:e:shared.test/tagged/late";
     wait_until("the SET landed", || redis.cli(&["exists", entry]) == "1").await;
-    wait_until("its name is in the tag's set", || {
-        redis.cli(&["sismember", "strata:t:grp", "shared.test/tagged/late"]) == "1"
+    wait_until("its name is in the tag's index", || {
+        !redis
+            .cli(&["zscore", "strata:tz:grp", "shared.test/tagged/late"])
+            .is_empty()
     })
     .await;
 

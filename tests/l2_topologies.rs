@@ -380,14 +380,14 @@ async fn cluster_spreads_entries_and_locks_without_crossslot() {
     assert!(cluster.exists(&entry_key("/cold")), "/cold is not matched");
     assert_eq!(a.stats().l2_errors, 0, "A {:?}", a.stats());
 
-    // A tag purge on a cluster: the tag's set is read page by page on its node (SSCAN), its
-    // entries are unlinked on theirs, and the set forgets them (SREM, then EXISTS key by key).
+    // A tag purge on a cluster: the tag's index is read page by page on its node (ZSCAN), its
+    // entries are unlinked on theirs, and the index forgets them (ZREM, then PTTL key by key).
     let tagged: Vec<String> = (0..10).map(|i| format!("/tagged/{i}")).collect();
     for path in &tagged {
         expect(&sget(&a, path).await, "MISS", &format!("body of {path}"));
     }
     flush_l2(&a).await;
-    let set = "strata:t:cluster-tag";
+    let set = "strata:tz:cluster-tag";
     assert!(cluster.exists(set), "the tag's set");
     let reply = purge_on(&a, r#"{"tags": ["cluster-tag"]}"#).await;
     assert_eq!(

@@ -918,13 +918,13 @@ async fn purges_of_many_l2_keys_take_them_all() {
     // Hard purges never read the values, so plain strings stand in for entries.
     let seed = "for i = 1, tonumber(ARGV[1]) do \
                   redis.call('set', KEYS[1] .. i, 'x') \
-                  if ARGV[2] ~= '' then redis.call('sadd', ARGV[2], string.sub(KEYS[1], 10) .. i) end \
+                  if ARGV[2] ~= '' then redis.call('zadd', ARGV[2], 1e15, string.sub(KEYS[1], 10) .. i) end \
                 end return 'OK'";
     let seeded = |prefix: &str, n: &str, tag_set: &str| {
         assert_eq!(redis.cli(&["eval", seed, "1", prefix, n, tag_set]), "OK");
     };
     seeded("strata:e:shared.test/bulk/", "2500", "");
-    seeded("strata:e:shared.test/tagged/", "1600", "strata:t:many");
+    seeded("strata:e:shared.test/tagged/", "1600", "strata:tz:many");
     seeded("strata:e:shared.test/kept/", "10", "");
     let under = |prefix: &str| {
         redis
@@ -951,7 +951,7 @@ async fn purges_of_many_l2_keys_take_them_all() {
     );
     assert_eq!(under("strata:e:shared.test/tagged/"), 0);
     assert_eq!(
-        redis.cli(&["exists", "strata:t:many"]),
+        redis.cli(&["exists", "strata:tz:many"]),
         "0",
         "the tag set goes too"
     );

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::clients::{Pipeline, Pool, WithOptions};
-use fred::interfaces::{ClientLike, KeysInterface, LuaInterface, SetsInterface};
+use fred::interfaces::{
+    ClientLike, KeysInterface, LuaInterface, SetsInterface, SortedSetsInterface,
+};
 use fred::types::config::Options;
 use fred::types::config::ReconnectPolicy;
 use fred::types::scan::Scanner;
@@ -240,6 +242,30 @@ pub struct Unfinished;
 
 /// One page of a purge's SCAN. fred asks for the next page when a page is dropped; this asks for it
 /// only on [`ScanPage::next`], and cancels the SCAN when dropped without it.
+/// Where a surrogate key's entries are named: the sorted set this version writes, or the plain set
+/// of an earlier one (purged until it expires).
+enum TagIndex {
+    Sorted(String),
+    Legacy(String),
+}
+
+impl TagIndex {
+    fn key(&self) -> &str {
+        match self {
+            TagIndex::Sorted(key) | TagIndex::Legacy(key) => key,
+        }
+    }
+}
+
+/// Now as Unix milliseconds, the scores of the tag index.
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 struct ScanPage<S: Scanner>(Option<S>);
 
 impl<S: Scanner> ScanPage<S> {
@@ -270,6 +296,16 @@ impl ScanPage<fred::types::scan::SScanResult> {
             .unwrap_or_default()
             .into_iter()
             .filter_map(Value::into_string)
+            .collect()
+    }
+}
+
+impl ScanPage<fred::types::scan::ZScanResult> {
+    fn take_members(&mut self) -> Vec<String> {
+        self.take_results()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(member, _score)| member.into_string())
             .collect()
     }
 }
@@ -438,7 +474,16 @@ impl L2 {
         format!("{}e:{key}", self.prefix)
     }
 
+    /// A surrogate key's index: a sorted set of the storage keys that carry it, each scored with
+    /// its entry's expiry (Unix ms), so that names of expired entries can be dropped as new ones
+    /// come (see `index_tags`).
     fn tag_key(&self, tag: &str) -> String {
+        format!("{}tz:{tag}", self.prefix)
+    }
+
+    /// The plain set an earlier version indexed a surrogate key in: still purged, never written.
+    /// It goes with its TTL (at least `TAG_SET_MIN_TTL` after that version's last write).
+    fn legacy_tag_key(&self, tag: &str) -> String {
         format!("{}t:{tag}", self.prefix)
     }
 
@@ -709,15 +754,33 @@ impl L2 {
         true
     }
 
-    /// The tag index: one set per surrogate key naming the entries that carry it, all of an entry's
-    /// tags in one round trip (a cluster client sends each set's commands to its node).
+    /// The tag index: one sorted set per surrogate key naming the entries that carry it, all of an
+    /// entry's tags in one round trip (a cluster client sends each set's commands to its node).
+    /// Each write also drops the names whose entries have expired: with names kept until a purge,
+    /// URLs that differ only in a query string (a crawler, a cache-buster) grew a tag's set in
+    /// Redis for as long as the tag was written at all, and each purge had to page through them.
     async fn index_tags(&self, store: &Store, key: &str, tags: &[String], ttl: Duration) {
         let set_ttl = i64::try_from(ttl.max(TAG_SET_MIN_TTL).as_millis()).unwrap_or(i64::MAX);
+        let now = unix_millis();
+        let expires = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let pipeline = Pipeline::from(self.command_client(store));
         for tag in tags {
             let set = self.tag_key(tag);
-            let queued: [Result<(), fred::error::Error>; 3] = [
-                pipeline.sadd(set.as_str(), key).await,
+            let queued: [Result<(), fred::error::Error>; 4] = [
+                // GT: a name already there keeps the later of its two expiries.
+                pipeline
+                    .zadd(
+                        set.as_str(),
+                        None,
+                        Some(fred::types::sorted_sets::Ordering::GreaterThan),
+                        false,
+                        false,
+                        (expires as f64, key),
+                    )
+                    .await,
+                pipeline
+                    .zremrangebyscore(set.as_str(), f64::NEG_INFINITY, now as f64)
+                    .await,
                 // NX gives a new set its TTL, GT only ever extends it.
                 pipeline
                     .pexpire(set.as_str(), set_ttl, Some(ExpireOptions::NX))
@@ -930,28 +993,32 @@ impl L2 {
             }
             Selector::Tags(tags) => {
                 for tag in tags {
-                    let set = self.tag_key(tag);
-                    // Page by page (SSCAN), like patterns: a tag on a million entries is purged in
-                    // batches within the purge's deadline, where one SMEMBERS had to answer within
+                    // Page by page (ZSCAN), like patterns: a tag on a million entries is purged in
+                    // batches within the purge's deadline, where one ZRANGE had to answer within
                     // REDIS_TIMEOUT and never did.
+                    let index = TagIndex::Sorted(self.tag_key(tag));
                     let client = store.pool.next_connected();
                     let mut pages = client
-                        .sscan(set.as_str(), "*", Some(PURGE_BATCH as u32))
+                        .zscan(index.key(), "*", Some(PURGE_BATCH as u32))
+                        .boxed();
+                    while let Some(page) = pages.next().await {
+                        let mut page = self.scan_page(page, "ZSCAN")?;
+                        let members = page.take_members();
+                        concerned += self
+                            .purge_members(store, &index, members, purge, now)
+                            .await?;
+                        page.next();
+                    }
+                    let index = TagIndex::Legacy(self.legacy_tag_key(tag));
+                    let mut pages = client
+                        .sscan(index.key(), "*", Some(PURGE_BATCH as u32))
                         .boxed();
                     while let Some(page) = pages.next().await {
                         let mut page = self.scan_page(page, "SSCAN")?;
                         let members = page.take_members();
-                        if !members.is_empty() {
-                            let keys = members.iter().map(|m| self.entry_key(m)).collect();
-                            concerned += self.remove(store, keys, purge.soft, now).await?;
-                            // A soft purge leaves the entries (stale), so their tags still name
-                            // them. A hard one forgets only the members it removed: unlinking the
-                            // whole set also dropped the entries fills tagged meanwhile, which the
-                            // next purge of the tag would then miss.
-                            if !purge.soft {
-                                self.forget_members(store, &set, members).await?;
-                            }
-                        }
+                        concerned += self
+                            .purge_members(store, &index, members, purge, now)
+                            .await?;
                         page.next();
                     }
                 }
@@ -960,7 +1027,30 @@ impl L2 {
         Ok(concerned)
     }
 
-    /// A page of a purge's `command` (SCAN, SSCAN), or the purge left unfinished (counted, logged).
+    /// Purges the entries a page of a tag's index names; how many there were.
+    async fn purge_members(
+        &self,
+        store: &Store,
+        index: &TagIndex,
+        members: Vec<String>,
+        purge: &Purge,
+        now: std::time::SystemTime,
+    ) -> Result<u64, Unfinished> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        let keys = members.iter().map(|m| self.entry_key(m)).collect();
+        let concerned = self.remove(store, keys, purge.soft, now).await?;
+        // A soft purge leaves the entries (stale), so their tags still name them. A hard one
+        // forgets only the members it removed: unlinking the whole set also dropped the entries
+        // fills tagged meanwhile, which the next purge of the tag would then miss.
+        if !purge.soft {
+            self.forget_members(store, index, members).await?;
+        }
+        Ok(concerned)
+    }
+
+    /// A page of a purge's `command` (SCAN, SSCAN, ZSCAN), or the purge left unfinished (counted, logged).
     fn scan_page<S: Scanner>(
         &self,
         page: Result<S, fred::error::Error>,
@@ -976,35 +1066,45 @@ impl L2 {
         }
     }
 
-    /// Removes purged entries' names from a tag's set (an emptied set goes with its last member),
+    /// Removes purged entries' names from a tag's index (an emptied one goes with its last member),
     /// then names again those whose entry exists by now: a fill that stored one of them again
-    /// after the purge removed it sent its SADD while the name was still there (a no-op), and
-    /// without its name the next purge of the tag would miss it. Entry and set may live on
+    /// after the purge removed it sent its ZADD while the name was still there (an update), and
+    /// without its name the next purge of the tag would miss it. Entry and index may live on
     /// different cluster nodes, so this is three round trips rather than one script.
     async fn forget_members(
         &self,
         store: &Store,
-        set: &str,
+        index: &TagIndex,
         members: Vec<String>,
     ) -> Result<(), Unfinished> {
         let client = self.command_client(store);
-        let removed: Option<i64> = self.call(store, client.srem(set, members.clone())).await;
+        let removed: Option<i64> = match index {
+            TagIndex::Sorted(key) => self.call(store, client.zrem(key, members.clone())).await,
+            TagIndex::Legacy(key) => self.call(store, client.srem(key, members.clone())).await,
+        };
         removed.ok_or(Unfinished)?;
         let pipeline = Pipeline::from(self.command_client(store));
         for member in &members {
             let queued: Result<(), fred::error::Error> =
-                pipeline.exists(self.entry_key(member)).await;
+                pipeline.pttl(self.entry_key(member)).await;
             queued.map_err(|_| Unfinished)?;
         }
-        let exists = self
+        let lives = self
             .call_pipeline(store, pipeline)
             .await
             .ok_or(Unfinished)?;
+        let now = unix_millis();
         let mut refilled = Vec::new();
-        for (member, exists) in members.into_iter().zip(exists) {
-            match exists {
-                Ok(0) => {}
-                Ok(_) => refilled.push(member),
+        for (member, pttl) in members.into_iter().zip(lives) {
+            match pttl {
+                // -2: no such entry (purged, not filled again).
+                Ok(-2) => {}
+                // Its expiry, as `index_tags` scores it (-1, no TTL, is never dropped).
+                Ok(left) => {
+                    let expires = u64::try_from(left)
+                        .map_or(f64::INFINITY, |left| now.saturating_add(left) as f64);
+                    refilled.push((expires, member));
+                }
                 // Unknown (a node that did not answer): the purge is not done there.
                 Err(_) => return Err(Unfinished),
             }
@@ -1012,13 +1112,31 @@ impl L2 {
         if refilled.is_empty() {
             return Ok(());
         }
-        // The SREM may have emptied the set, and Redis then deleted it with its TTL: the set made
-        // again gets one, as `index_tags` gives a new set (a set without a TTL would never go).
+        // The removal may have emptied the index, and Redis then deleted it with its TTL: the one
+        // made again gets one, as `index_tags` gives a new one (without, it would never go).
         let ttl = i64::try_from(TAG_SET_MIN_TTL.as_millis()).unwrap_or(i64::MAX);
+        let key = index.key();
         let pipeline = Pipeline::from(self.command_client(store));
         let queued: [Result<(), fred::error::Error>; 2] = [
-            pipeline.sadd(set, refilled).await,
-            pipeline.pexpire(set, ttl, Some(ExpireOptions::NX)).await,
+            match index {
+                TagIndex::Sorted(_) => {
+                    pipeline
+                        .zadd(
+                            key,
+                            None,
+                            Some(fred::types::sorted_sets::Ordering::GreaterThan),
+                            false,
+                            false,
+                            refilled,
+                        )
+                        .await
+                }
+                TagIndex::Legacy(_) => {
+                    let names: Vec<String> = refilled.into_iter().map(|(_, name)| name).collect();
+                    pipeline.sadd(key, names).await
+                }
+            },
+            pipeline.pexpire(key, ttl, Some(ExpireOptions::NX)).await,
         ];
         if queued.iter().any(Result::is_err) {
             return Err(Unfinished);
