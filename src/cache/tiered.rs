@@ -169,7 +169,7 @@ impl Cache {
         now: SystemTime,
         since: u64,
     ) {
-        if self.holds_newer(key, &entry, request_headers) {
+        if self.holds_newer(key, &entry, request_headers, now) {
             return;
         }
         let placement = self.store_l1(key, &entry, request_headers);
@@ -190,7 +190,7 @@ impl Cache {
         now: SystemTime,
         since: u64,
     ) {
-        if self.holds_newer(key, &entry, request_headers) {
+        if self.holds_newer(key, &entry, request_headers, now) {
             return;
         }
         let placement = self.store_l1(key, &entry, request_headers);
@@ -201,10 +201,17 @@ impl Cache {
         }
     }
 
-    /// Whether L1 holds a response for this request received after `entry` was: a fill that
+    /// Whether L1 holds a fresh response for this request received after `entry` was: a fill that
     /// outlived CACHE_LOCK_TIMEOUT finishes after the fill that reopened its key, and the most
-    /// recent response is the one to keep (RFC 9111 §4).
-    fn holds_newer(&self, key: &str, entry: &Entry, request_headers: &HeaderMap) -> bool {
+    /// recent response is the one to keep (RFC 9111 §4). A stale one is always replaced: a copy
+    /// from another instance whose clock runs ahead must not keep a refill out.
+    fn holds_newer(
+        &self,
+        key: &str,
+        entry: &Entry,
+        request_headers: &HeaderMap,
+        now: SystemTime,
+    ) -> bool {
         let stored = match self.l1.get(key) {
             Some(Slot::Entry(stored)) => Some(stored),
             Some(Slot::Vary(record)) => {
@@ -216,7 +223,9 @@ impl Cache {
             }
             Some(Slot::Pass(_)) | None => None,
         };
-        stored.is_some_and(|stored| stored.response_time > entry.response_time)
+        stored.is_some_and(|stored| {
+            stored.response_time > entry.response_time && stored.is_fresh(now)
+        })
     }
 
     fn store_l1(&self, key: &str, entry: &Arc<Entry>, request_headers: &HeaderMap) -> Placement {
