@@ -25,9 +25,13 @@ use crate::cache::l2::{Retraction, SentWrite};
 use crate::metrics::Stats;
 use crate::proxy::{Inner, Proxy};
 
-/// Distinct purges remembered for the generation check; a fill older than the newest one forgotten
-/// is refused. A purge repeated (every write to one URL invalidates it) takes one place.
+/// Distinct pattern and tag purges remembered for the generation check; a fill older than the
+/// newest one forgotten is refused. A purge repeated takes one place.
 const LOG_CAPACITY: usize = 4096;
+/// Distinct URLs whose key purge is remembered, as a hash each (a few MB at most): every
+/// successful write request invalidates its URL, and an API written to at many URLs must not
+/// push the log past what its slowest fill needs, or that fill is refused.
+const KEY_LOG_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Selector {
@@ -183,16 +187,70 @@ pub struct PurgeLog {
 /// What the log remembers. Only whether a purge matching an entry came after a fill began
 /// matters, so of a selector recorded several times only the latest record is kept: a write-heavy
 /// URL (each successful POST invalidates it) takes one place instead of pushing every other purge
-/// out, which would make every fill under way look overtaken.
+/// out, which would make every fill under way look overtaken. Key purges, the many, are looked up
+/// by their URL's hash; patterns and tags, the few, are matched one by one.
 #[derive(Default)]
 struct Recent {
-    /// Each selector once, at the generation it was last recorded, oldest first.
+    /// Pattern and tag purges, each once, at the generation it was last recorded, oldest first.
     purges: VecDeque<(u64, Selector)>,
-    /// Where each selector is in `purges` (by generation).
+    /// Where each of them is in `purges` (by generation).
     latest: HashMap<Selector, u64>,
+    /// Each purged URL's hash and the generation of its latest purge. A collision can only make a
+    /// fill look overtaken, which is safe.
+    keys: HashMap<u64, u64>,
+    /// The records of `keys` in the order they were made, oldest first; a record made stale by a
+    /// later purge of the same URL is skipped, and swept out when they pile up.
+    key_order: VecDeque<(u64, u64)>,
+    hasher: std::hash::RandomState,
     /// The generation of the newest purge forgotten (capacity): a fill from before it may have
     /// been overtaken by it.
     forgotten_through: u64,
+}
+
+impl Recent {
+    fn key_hash(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    fn record_key(&mut self, key: &str, generation: u64) {
+        let hash = self.key_hash(key);
+        self.keys.insert(hash, generation);
+        self.key_order.push_back((generation, hash));
+        if self.key_order.len() > 2 * self.keys.len() + 1024 {
+            let keys = &self.keys;
+            self.key_order
+                .retain(|(generation, hash)| keys.get(hash) == Some(generation));
+        }
+        while self.keys.len() > KEY_LOG_CAPACITY {
+            let Some((generation, hash)) = self.key_order.pop_front() else {
+                break;
+            };
+            if self.keys.get(&hash) == Some(&generation) {
+                self.keys.remove(&hash);
+                self.forgotten_through = self.forgotten_through.max(generation);
+            }
+        }
+    }
+
+    fn record_other(&mut self, selector: &Selector, generation: u64) {
+        if let Some(previous) = self.latest.insert(selector.clone(), generation) {
+            // Sorted by generation: found by bisection; most often near the back.
+            if let Ok(at) = self
+                .purges
+                .binary_search_by_key(&previous, |(generation, _)| *generation)
+            {
+                self.purges.remove(at);
+            }
+        }
+        if self.purges.len() >= LOG_CAPACITY {
+            if let Some((forgotten, selector)) = self.purges.pop_front() {
+                self.latest.remove(&selector);
+                self.forgotten_through = self.forgotten_through.max(forgotten);
+            }
+        }
+        self.purges.push_back((generation, selector.clone()));
+    }
 }
 
 impl PurgeLog {
@@ -204,38 +262,27 @@ impl PurgeLog {
     /// Logs a purge; returns its generation (fills that began before it remember a lower one).
     pub fn record(&self, purge: &Purge) -> u64 {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let recent = &mut *recent;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(previous) = recent.latest.insert(purge.selector.clone(), generation) {
-            // Sorted by generation: found by bisection; most often near the back.
-            if let Ok(at) = recent
-                .purges
-                .binary_search_by_key(&previous, |(generation, _)| *generation)
-            {
-                recent.purges.remove(at);
-            }
+        match &purge.selector {
+            Selector::Key(key) => recent.record_key(key, generation),
+            other => recent.record_other(other, generation),
         }
-        if recent.purges.len() >= LOG_CAPACITY {
-            if let Some((forgotten, selector)) = recent.purges.pop_front() {
-                recent.latest.remove(&selector);
-                recent.forgotten_through = forgotten;
-            }
-        }
-        recent
-            .purges
-            .push_back((generation, purge.selector.clone()));
         generation
     }
 
     /// Whether a purge recorded after `since` concerns `key`/`tags`. A fill from before a purge
     /// the log has forgotten is treated as overtaken (refusing to store is always safe). Looks at
-    /// the purges newer than `since` only.
+    /// the pattern and tag purges newer than `since` only.
     pub fn overtaken(&self, since: u64, key: &str, tags: &[String]) -> bool {
         if self.generation() == since {
             return false;
         }
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.forgotten_through > since
+            || recent
+                .keys
+                .get(&recent.key_hash(key))
+                .is_some_and(|purged| *purged > since)
             || recent
                 .purges
                 .iter()
@@ -876,7 +923,7 @@ mod tests {
     fn a_fill_older_than_a_forgotten_purge_is_overtaken() {
         let log = PurgeLog::default();
         let start = log.generation();
-        for n in 0..LOG_CAPACITY + 1 {
+        for n in 0..KEY_LOG_CAPACITY + 1 {
             log.record(&key(&format!("h/{n}")));
         }
         // h/0 was forgotten: a fill from before it cannot know whether it concerned it.
@@ -884,5 +931,41 @@ mod tests {
         let after_first = start + 1;
         assert!(!log.overtaken(after_first, "h/unrelated", &[]));
         assert!(log.overtaken(after_first, "h/1", &[]));
+
+        let log = PurgeLog::default();
+        let start = log.generation();
+        for n in 0..LOG_CAPACITY + 1 {
+            log.record(&Purge {
+                selector: Selector::Pattern(format!("h/{n}/*")),
+                soft: false,
+            });
+        }
+        assert!(log.overtaken(start, "h/unrelated", &[]));
+        assert!(!log.overtaken(start + 1, "h/unrelated", &[]));
+    }
+
+    /// An API written to at thousands of URLs during one slow fill (each write purges its URL)
+    /// leaves that fill storable, and still finds the URLs it purged.
+    #[test]
+    fn many_distinct_key_purges_do_not_refuse_other_fills() {
+        let log = PurgeLog::default();
+        let start = log.generation();
+        for n in 0..20_000 {
+            log.record(&key(&format!("h/orders/{n}")));
+        }
+        log.record(&Purge {
+            selector: Selector::Tags(vec!["t".into()]),
+            soft: false,
+        });
+        assert!(!log.overtaken(start, "h/slow", &[]));
+        assert!(log.overtaken(start, "h/orders/7", &[]));
+        assert!(log.overtaken(start, "h/slow", &["t".into()]));
+        // One URL written to over and over: its stale records are swept, not kept.
+        for _ in 0..10_000 {
+            log.record(&key("h/hot"));
+        }
+        let recent = log.recent.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(recent.key_order.len() <= 2 * recent.keys.len() + 1025);
+        assert_eq!(recent.forgotten_through, 0);
     }
 }

@@ -1038,6 +1038,19 @@ async fn a_busy_write_endpoint_does_not_stop_other_fills_from_being_stored() {
     // Each successful POST invalidates its URL, and a fill that a purge overtook is not stored.
     // Thousands of writes to one URL are one purge as far as other URLs are concerned: a slow
     // fill elsewhere, under way meanwhile, is still stored.
+    writes_during_a_slow_fill(|_| "/events".to_string()).await;
+}
+
+#[tokio::test]
+async fn writes_to_thousands_of_urls_do_not_stop_other_fills_from_being_stored() {
+    // The same with each POST to a URL of its own (an API's /orders/{id}): more distinct purges
+    // than the log kept before (4,096) during one fill.
+    writes_during_a_slow_fill(|n| format!("/orders/{n}")).await;
+}
+
+/// 5,000 successful POSTs, the n-th to `path(n)`, while the first fill of /slow is held; that
+/// fill is then stored.
+async fn writes_during_a_slow_fill(path: fn(usize) -> String) {
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     let held = gate.clone();
     let origin = MockOrigin::start(move |r| match (r.method.as_str(), r.path.as_str()) {
@@ -1053,9 +1066,9 @@ async fn a_busy_write_endpoint_does_not_stop_other_fills_from_being_stored() {
     let slow_url = proxy.url("/slow");
     let slow = tokio::spawn(async move { get(&slow_url, &[]).await });
     origin.wait_hits("/slow", 1).await;
-    let events = proxy.url("/events");
-    for _ in 0..5_000 {
-        assert_eq!(request("POST", &events, &[], "x").await.status, 200);
+    for n in 0..5_000 {
+        let url = proxy.url(&path(n));
+        assert_eq!(request("POST", &url, &[], "x").await.status, 200);
     }
     gate.notify_one();
     let first = slow.await.unwrap();
