@@ -240,8 +240,6 @@ pub struct L2Purge {
 #[derive(Debug)]
 pub struct Unfinished;
 
-/// One page of a purge's SCAN. fred asks for the next page when a page is dropped; this asks for it
-/// only on [`ScanPage::next`], and cancels the SCAN when dropped without it.
 /// Where a surrogate key's entries are named: the sorted set this version writes, or the plain set
 /// of an earlier one (purged until it expires).
 enum TagIndex {
@@ -266,6 +264,8 @@ fn unix_millis() -> u64 {
         })
 }
 
+/// One page of a purge's SCAN. fred asks for the next page when a page is dropped; this asks for it
+/// only on [`ScanPage::next`], and cancels the SCAN when dropped without it.
 struct ScanPage<S: Scanner>(Option<S>);
 
 impl<S: Scanner> ScanPage<S> {

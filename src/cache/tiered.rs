@@ -160,7 +160,8 @@ impl Cache {
 
     /// Stores a response for the URL `key` in L1 now and queues it for L2 (off the response path).
     /// `since` is the purge generation when its fill began: L2 does not keep it past a purge
-    /// logged after that which concerns it.
+    /// logged after that which concerns it. `false` when L1 holds a fresher, more recent copy and
+    /// nothing was stored (see [`Cache::holds_newer`]).
     pub fn store(
         &self,
         key: &str,
@@ -168,9 +169,9 @@ impl Cache {
         request_headers: &HeaderMap,
         now: SystemTime,
         since: u64,
-    ) {
+    ) -> bool {
         if self.holds_newer(key, &entry, request_headers, now) {
-            return;
+            return false;
         }
         let placement = self.store_l1(key, &entry, request_headers);
         if let Some(l2) = &self.l2 {
@@ -178,6 +179,7 @@ impl Cache {
                 l2.put(l2_key, slot, ttl, since);
             }
         }
+        true
     }
 
     /// Like [`Cache::store`], but waits for the L2 write: a fill that holds the fleet-wide lock
@@ -189,9 +191,9 @@ impl Cache {
         request_headers: &HeaderMap,
         now: SystemTime,
         since: u64,
-    ) {
+    ) -> bool {
         if self.holds_newer(key, &entry, request_headers, now) {
-            return;
+            return false;
         }
         let placement = self.store_l1(key, &entry, request_headers);
         if let Some(l2) = &self.l2 {
@@ -199,12 +201,15 @@ impl Cache {
                 l2.put_now(&l2_key, &slot, ttl, since).await;
             }
         }
+        true
     }
 
     /// Whether L1 holds a fresh response for this request received after `entry` was: a fill that
     /// outlived CACHE_LOCK_TIMEOUT finishes after the fill that reopened its key, and the most
     /// recent response is the one to keep (RFC 9111 §4). A stale one is always replaced: a copy
-    /// from another instance whose clock runs ahead must not keep a refill out.
+    /// from another instance whose clock runs ahead must not keep a refill out. Only this
+    /// instance's L1 is asked: without L1, or against another instance's newer copy in L2, the
+    /// last write wins.
     fn holds_newer(
         &self,
         key: &str,

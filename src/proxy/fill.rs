@@ -499,22 +499,25 @@ impl Proxy {
         let inner = &self.0;
         let now = inner.clock.now();
         let since = permit.purge_generation();
-        if lock.is_held() {
+        let stored = if lock.is_held() {
             inner
                 .cache
                 .store_now(key, entry.clone(), request_headers, now, since)
-                .await;
+                .await
         } else {
             inner
                 .cache
-                .store(key, entry.clone(), request_headers, now, since);
-        }
+                .store(key, entry.clone(), request_headers, now, since)
+        };
         lock.release().await;
         if inner.purge_log.overtaken(since, key, &entry.tags) {
             // A purge that concerns this response arrived while it was being fetched: what was
             // just stored must not outlive it (an in-flight request never undoes a purge). L2
-            // checks its write against the same log (see `cache::l2`).
-            inner.cache.l1().remove(key);
+            // checks its write against the same log (see `cache::l2`). Nothing stored (a more
+            // recent copy was there, from a fill that reopened the key): that copy stays.
+            if stored {
+                inner.cache.l1().remove(key);
+            }
             permit.release();
         } else if entry.is_fresh(inner.clock.now()) {
             permit.complete(entry.clone());
