@@ -5,7 +5,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -204,8 +204,8 @@ fn push_json_str(line: &mut Vec<u8>, text: &str) {
 ///
 /// Nothing that logs ever waits for `sink`: a stdout that blocks (a stalled log collector, a full
 /// pipe) would otherwise stop every runtime worker at its next warning, and the proxy with them.
-/// Past [`QUEUED_BATCHES`] waiting for the writer, batches are dropped, counted, and reported by the
-/// writer once it catches up.
+/// Past [`QUEUE_BYTES`] (or [`QUEUE_BATCHES`]) waiting for the writer, batches are dropped,
+/// counted, and reported by the first batch that gets through.
 pub struct BufferedLog {
     shared: Arc<Shared>,
 }
@@ -214,6 +214,8 @@ struct Shared {
     /// The batch being gathered. std Mutex: held to append or take it, never while writing.
     lines: Mutex<Vec<u8>>,
     to_writer: SyncSender<ToWriter>,
+    /// Bytes handed to the writer and not written yet.
+    queued: Arc<AtomicUsize>,
     /// Lines dropped since a batch last said so.
     dropped: AtomicU64,
 }
@@ -224,8 +226,10 @@ enum ToWriter {
     Synced(std::sync::mpsc::Sender<()>),
 }
 
-/// Batches waiting for the writer thread at most (2 MiB of lines).
-const QUEUED_BATCHES: usize = 64;
+/// Bytes of lines waiting for the writer thread at most.
+const QUEUE_BYTES: usize = 2 * 1024 * 1024;
+/// Batches waiting for the writer thread at most (each warning is one).
+const QUEUE_BATCHES: usize = 4096;
 
 impl Clone for BufferedLog {
     fn clone(&self) -> Self {
@@ -237,10 +241,12 @@ impl Clone for BufferedLog {
 
 impl BufferedLog {
     pub fn new<W: Write + Send + 'static>(sink: W) -> Self {
-        let (to_writer, from_loggers) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
+        let (to_writer, from_loggers) = std::sync::mpsc::sync_channel(QUEUE_BATCHES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let written = queued.clone();
         let spawned = std::thread::Builder::new()
             .name("strata-log-write".into())
-            .spawn(move || write_batches(sink, &from_loggers));
+            .spawn(move || write_batches(sink, &from_loggers, &written));
         if let Err(error) = spawned {
             // Every batch is then dropped (the channel has no receiver); the proxy still serves.
             eprintln!("strata: cannot start the log writer, log lines are lost: {error}");
@@ -249,6 +255,7 @@ impl BufferedLog {
             shared: Arc::new(Shared {
                 lines: Mutex::new(Vec::with_capacity(BATCH_BYTES + 4096)),
                 to_writer,
+                queued,
                 dropped: AtomicU64::new(0),
             }),
         }
@@ -301,16 +308,38 @@ impl BufferedLog {
         if lines.is_empty() {
             return;
         }
-        let mut batch = std::mem::replace(lines, Vec::with_capacity(BATCH_BYTES + 4096));
+        // A full batch changes hands; a short one (a warning) is copied out, so that a queue of
+        // warnings holds their bytes and not a batch's worth of capacity each.
+        let mut batch = if lines.len() >= BATCH_BYTES / 2 {
+            std::mem::replace(lines, Vec::with_capacity(BATCH_BYTES + 4096))
+        } else {
+            let copy = lines.clone();
+            lines.clear();
+            copy
+        };
         // The first batch through after a loss says so, where the gap is.
         let lost = self.shared.dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             batch.splice(0..0, dropped_notice(lost));
         }
-        if let Err(TrySendError::Full(ToWriter::Lines(batch)))
-        | Err(TrySendError::Disconnected(ToWriter::Lines(batch))) =
-            self.shared.to_writer.try_send(ToWriter::Lines(batch))
-        {
+        let size = batch.len();
+        let room = self.shared.queued.load(Ordering::Relaxed) + size <= QUEUE_BYTES;
+        let refused = if room {
+            self.shared.queued.fetch_add(size, Ordering::Relaxed);
+            match self.shared.to_writer.try_send(ToWriter::Lines(batch)) {
+                Ok(()) => None,
+                Err(TrySendError::Full(message) | TrySendError::Disconnected(message)) => {
+                    self.shared.queued.fetch_sub(size, Ordering::Relaxed);
+                    match message {
+                        ToWriter::Lines(batch) => Some(batch),
+                        ToWriter::Synced(_) => None,
+                    }
+                }
+            }
+        } else {
+            Some(batch)
+        };
+        if let Some(batch) = refused {
             let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
             // The notice's own line was not a log line.
             let count = lines - u64::from(lost > 0) + lost;
@@ -320,13 +349,14 @@ impl BufferedLog {
 }
 
 /// The writer thread: writes each batch in order.
-fn write_batches<W: Write>(mut sink: W, batches: &Receiver<ToWriter>) {
+fn write_batches<W: Write>(mut sink: W, batches: &Receiver<ToWriter>, queued: &AtomicUsize) {
     for message in batches {
         match message {
             ToWriter::Lines(lines) => {
                 // A log that cannot be written (stdout closed) must not take the proxy down.
                 let _ = sink.write_all(&lines);
                 let _ = sink.flush();
+                queued.fetch_sub(lines.len(), Ordering::Relaxed);
             }
             ToWriter::Synced(done) => {
                 let _ = sink.flush();
@@ -504,21 +534,21 @@ mod tests {
     fn a_blocked_output_drops_lines_instead_of_blocking_the_logger() -> std::io::Result<()> {
         let sink = Stalled::default();
         let log = BufferedLog::new(sink.clone());
-        // Every warning is a batch of its own: far more than the writer may have queued.
-        let warnings = QUEUED_BATCHES * 4;
-        for n in 0..warnings {
+        // Every warning is a batch of its own, 16 KiB here: the queue holds 2 MiB of them.
+        let long = "w".repeat(16 * 1024 - 1);
+        let warnings = 4 * QUEUE_BYTES / long.len();
+        for _ in 0..warnings {
             LogLine {
                 log: &log,
                 urgent: true,
             }
-            .write_all(format!("warning {n}\n").as_bytes())?;
+            .write_all(format!("{long}\n").as_bytes())?;
         }
         let dropped = log.shared.dropped.load(Ordering::Relaxed);
         assert!(
-            dropped >= (warnings - QUEUED_BATCHES - 1) as u64,
+            dropped as usize >= warnings - QUEUE_BYTES / long.len() - 1,
             "{dropped}"
         );
-
         {
             let (open, opened) = &*sink.open;
             *open.lock().unwrap_or_else(PoisonError::into_inner) = true;
@@ -537,9 +567,7 @@ mod tests {
         // Those the writer took before it blocked, then the notice where the gap is, then the rest.
         let kept = lines.len() - 2;
         assert_eq!(kept as u64 + dropped, warnings as u64, "{text}");
-        for (n, line) in lines[..kept].iter().enumerate() {
-            assert_eq!(*line, format!("warning {n}"));
-        }
+        assert!(lines[..kept].iter().all(|line| *line == long));
         assert!(
             lines[kept].ends_with(&format!("WARN strata::telemetry: {dropped} log lines were dropped: the log output did not keep up")),
             "{text}"
