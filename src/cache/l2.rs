@@ -85,6 +85,9 @@ pub const SET_IF_DIGEST_SCRIPT: &str = "local v = redis.call('get', KEYS[1]); if
 /// A tag set outlives the entries it names by at least this much (it is small; an expired set would
 /// let a tag purge miss live entries).
 const TAG_SET_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long after its entry's expiry a name stays in a tag's index: more than instances' clocks
+/// differ by (see `index_tags`).
+const TAG_PRUNE_MARGIN_MS: u64 = 60_000;
 
 /// Deletes KEYS[1] only while it still holds ARGV[1]: a lock that expired and was taken by another
 /// instance must not be released by us, and a corrupt entry's deletion must not take the good
@@ -763,6 +766,9 @@ impl L2 {
         let set_ttl = i64::try_from(ttl.max(TAG_SET_MIN_TTL).as_millis()).unwrap_or(i64::MAX);
         let now = unix_millis();
         let expires = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        // Scores come from each instance's clock: an instance running ahead must not drop the
+        // names of entries another one stored that are still alive.
+        let prune_before = now.saturating_sub(TAG_PRUNE_MARGIN_MS);
         let pipeline = Pipeline::from(self.command_client(store));
         for tag in tags {
             let set = self.tag_key(tag);
@@ -779,7 +785,7 @@ impl L2 {
                     )
                     .await,
                 pipeline
-                    .zremrangebyscore(set.as_str(), f64::NEG_INFINITY, now as f64)
+                    .zremrangebyscore(set.as_str(), f64::NEG_INFINITY, prune_before as f64)
                     .await,
                 // NX gives a new set its TTL, GT only ever extends it.
                 pipeline
