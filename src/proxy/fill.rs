@@ -83,6 +83,9 @@ impl Proxy {
     /// The leader's work. With an L2: a fresh copy another instance stored answers at once
     /// (`HIT-L2`); otherwise the fleet-wide lock decides which instance goes to the origin, and the
     /// others wait for its result in L2.
+    ///
+    /// `wait_until` ends the wait for another instance's fill: the request's CACHE_LOCK_TIMEOUT,
+    /// part of which it may have spent following a local fill already.
     pub(super) async fn lead(
         &self,
         parts: Parts,
@@ -90,6 +93,7 @@ impl Proxy {
         mut stored: Option<Arc<Entry>>,
         permit: FlightPermit,
         fwd: Fwd,
+        wait_until: Instant,
     ) -> Response<ProxyBody> {
         let inner = &self.0;
         let arrived = inner.clock.now();
@@ -140,6 +144,7 @@ impl Proxy {
                         &parts.headers,
                         newer_than,
                         permit.purge_generation(),
+                        wait_until,
                     )
                     .await
                 {
@@ -172,6 +177,7 @@ impl Proxy {
         request_headers: &http::HeaderMap,
         newer_than: Option<std::time::SystemTime>,
         purge_generation: u64,
+        deadline: Instant,
     ) -> Option<Arc<Entry>> {
         let inner = &self.0;
         let purged = |entry: &Entry| {
@@ -179,7 +185,6 @@ impl Proxy {
                 .purge_log
                 .overtaken(purge_generation, &target.key, &entry.tags)
         };
-        let deadline = Instant::now() + inner.config.lock_timeout;
         loop {
             tokio::time::sleep(FLEET_POLL).await;
             // The lock first, L2 second: the holder writes its result before it unlocks, so a lock

@@ -657,7 +657,10 @@ impl Proxy {
             {
                 // Boxed: inline, the leader's state would make every follower's future larger.
                 Join::Leader(permit) => {
-                    return Box::pin(self.lead_detached(parts, target, stored, permit, fwd)).await
+                    return Box::pin(
+                        self.lead_detached(parts, target, stored, permit, fwd, deadline),
+                    )
+                    .await
                 }
                 Join::Follower(follower) => follower,
             };
@@ -716,11 +719,14 @@ impl Proxy {
         stored: Option<Arc<Entry>>,
         permit: FlightPermit,
         fwd: Fwd,
+        wait_until: tokio::time::Instant,
     ) -> Response<ProxyBody> {
         let proxy = self.clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let response = proxy.lead(parts, &target, stored, permit, fwd).await;
+            let response = proxy
+                .lead(parts, &target, stored, permit, fwd, wait_until)
+                .await;
             // If the client is gone, the response is dropped here; its fill task keeps storing.
             let _ = tx.send(response);
         });
@@ -1033,8 +1039,9 @@ impl Proxy {
         let target = target.clone();
         // Detached from the client that triggered it; bounded by ORIGIN_TIMEOUT inside `lead`.
         tokio::spawn(async move {
+            let wait_until = tokio::time::Instant::now() + proxy.0.config.lock_timeout;
             let response = proxy
-                .lead(parts, &target, Some(stale), permit, Fwd::Stale)
+                .lead(parts, &target, Some(stale), permit, Fwd::Stale, wait_until)
                 .await;
             // Nobody reads this answer; the fill task behind it keeps storing on its own.
             drop(response);
