@@ -24,6 +24,12 @@ use crate::proxy::Proxy;
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The largest request head (request line and header fields) a client may send, on both
+/// protocols; past it, 431. nginx allows 32 KiB by default. hyper's own limits differed by
+/// protocol: about 400 KiB on HTTP/1.1 (that much memory per connection while a head trickles
+/// in), 16 KiB on HTTP/2 (refusing heads an HTTP/1.1 client could send).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// How long start-up waits for Redis before serving degraded (L1 + origin).
 const L2_STARTUP_PATIENCE: Duration = Duration::from_secs(2);
 
@@ -41,14 +47,17 @@ pub async fn serve(
         .timer(TokioTimer::new())
         // Slowloris guard: a client has this long to send each request's header; it also closes
         // an idle keep-alive connection (the timer runs from the previous response).
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        // Also the read buffer's limit: a body is read in chunks of at most this much.
+        .max_buf_size(MAX_REQUEST_HEAD);
     builder
         .http2()
         .timer(TokioTimer::new())
         // A peer that vanished (a dropped NAT entry, a powered-off device) answers no PING: its
         // connection is closed instead of holding a socket for the process's life.
         .keep_alive_interval(Some(H2_PING_INTERVAL))
-        .keep_alive_timeout(H2_PING_TIMEOUT);
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     // Connections wait in the listen backlog meanwhile; a Redis that is down costs start-up this
