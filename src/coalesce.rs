@@ -167,6 +167,16 @@ impl FlightPermit {
         self.purge_generation
     }
 
+    /// Whether a newer fill of the key took over (this one outlived the lock age, see
+    /// [`Coalescer::join`]): its result, more recent, is the one for the shared cache.
+    pub fn superseded(&self) -> bool {
+        !self
+            .coalescer
+            .lock()
+            .get(&self.key)
+            .is_some_and(|current| Arc::ptr_eq(current, &self.flight))
+    }
+
     /// The fill stored `entry`; followers answer from it.
     pub fn complete(mut self, entry: Arc<Entry>) {
         self.finish(FlightState::Stored(entry));
@@ -237,9 +247,11 @@ mod tests {
             panic!("a join inside the lock age follows");
         };
         tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!first.superseded());
         let Join::Leader(second) = coalescer.join("k", 0) else {
             panic!("the key is open again");
         };
+        assert!(first.superseded() && !second.superseded());
         assert!(matches!(coalescer.join("k", 0), Join::Follower(_)));
         // The first fill finishing still answers its own followers, and leaves the second
         // fill's flight in place.

@@ -804,6 +804,46 @@ async fn a_leader_asking_again_for_its_range_releases_the_fleet_lock_first() {
     assert_eq!(origin.hits("/ranged"), 3);
 }
 
+/// A fill older than CACHE_LOCK_TIMEOUT that a newer fill of its key superseded keeps its older
+/// answer out of Redis: another instance gets the newer one from L2 after both finished. A has
+/// no L1 here, where nothing else would weigh the two answers. (The 1.2 s pause is the condition
+/// under test: the first fill's age passing the timeout, and with it the fleet lock's TTL.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_slow_fill_does_not_replace_the_newer_copy_in_redis() {
+    let redis = RedisServer::start();
+    let gate = Arc::new(Notify::new());
+    let origin = {
+        let gate = gate.clone();
+        MockOrigin::start(move |r| {
+            if r.hit == 1 {
+                Reply::gated("held ", gate.clone(), "body").cc("max-age=60")
+            } else {
+                Reply::ok("fresh").cc("max-age=60")
+            }
+        })
+        .await
+    };
+    let a = instance(
+        &origin,
+        &redis,
+        &[("CACHE_LOCK_TIMEOUT", "1s"), ("CACHE_SIZE_MB", "0")],
+    )
+    .await;
+    let b = instance(&origin, &redis, &[]).await;
+    let url = a.url("/superseded");
+    let first = tokio::spawn(async move { get(&url, &[("host", HOST)]).await });
+    origin.wait_hits("/superseded", 1).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    expect(&sget(&a, "/superseded").await, "MISS", "fresh");
+    gate.notify_one();
+    let first = within("the held fill", secs(10), first).await.unwrap();
+    assert_eq!(first.text(), "held body");
+    flush_l2(&a).await;
+
+    expect(&sget(&b, "/superseded").await, "HIT-L2", "fresh");
+}
+
 /// The scripts that take a write back and rewrite a soft-purged entry act only on the value that
 /// was read (its SHA-1): a copy stored in between, by any instance, is left as it is; a rewrite
 /// keeps the entry's TTL.

@@ -158,10 +158,10 @@ impl Cache {
         }
     }
 
-    /// Stores a response for the URL `key` in L1 now and queues it for L2 (off the response path).
-    /// `since` is the purge generation when its fill began: L2 does not keep it past a purge
-    /// logged after that which concerns it. `false` when L1 holds a fresher, more recent copy and
-    /// nothing was stored (see [`Cache::holds_newer`]).
+    /// Stores a response for the URL `key` in L1 now and, with `to_l2`, queues it for L2 (off the
+    /// response path). `since` is the purge generation when its fill began: L2 does not keep it
+    /// past a purge logged after that which concerns it. `false` when L1 holds a fresher, more
+    /// recent copy and nothing was stored (see [`Cache::holds_newer`]).
     pub fn store(
         &self,
         key: &str,
@@ -169,12 +169,13 @@ impl Cache {
         request_headers: &HeaderMap,
         now: SystemTime,
         since: u64,
+        to_l2: bool,
     ) -> bool {
         if self.holds_newer(key, &entry, request_headers, now) {
             return false;
         }
         let placement = self.store_l1(key, &entry, request_headers);
-        if let Some(l2) = &self.l2 {
+        if let Some(l2) = self.l2.as_ref().filter(|_| to_l2) {
             for (l2_key, slot, ttl) in l2_writes(key, entry, placement, now) {
                 l2.put(l2_key, slot, ttl, since);
             }

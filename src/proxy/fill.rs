@@ -504,7 +504,11 @@ impl Proxy {
         let inner = &self.0;
         let now = inner.clock.now();
         let since = permit.purge_generation();
-        let stored = if lock.is_held() {
+        // A fill that outlived the lock age and was superseded keeps its older answer out of
+        // Redis, where it would replace the newer fill's (the last write wins there); this
+        // instance's L1 weighs the two (see `Cache::holds_newer`).
+        let superseded = permit.superseded();
+        let stored = if lock.is_held() && !superseded {
             inner
                 .cache
                 .store_now(key, entry.clone(), request_headers, now, since)
@@ -512,7 +516,7 @@ impl Proxy {
         } else {
             inner
                 .cache
-                .store(key, entry.clone(), request_headers, now, since)
+                .store(key, entry.clone(), request_headers, now, since, !superseded)
         };
         lock.release().await;
         if inner.purge_log.overtaken(since, key, &entry.tags) {
