@@ -258,6 +258,15 @@ impl TagIndex {
     }
 }
 
+/// The slowest link to Redis a write is given time for, in bytes per second (about 0.5 Gbit/s).
+const SLOWEST_LINK_BYTES_PER_SEC: u64 = 64 * 1024 * 1024;
+
+/// REDIS_TIMEOUT, plus the time a value of `len` bytes takes over the slowest link counted on.
+fn write_deadline(timeout: Duration, len: usize) -> Duration {
+    let len = u64::try_from(len).unwrap_or(u64::MAX);
+    timeout + Duration::from_micros(len.saturating_mul(1_000_000) / SLOWEST_LINK_BYTES_PER_SEC)
+}
+
 /// Now as Unix milliseconds, the scores of the tag index.
 fn unix_millis() -> u64 {
     std::time::SystemTime::now()
@@ -526,8 +535,21 @@ impl L2 {
     where
         F: std::future::Future<Output = Result<T, fred::error::Error>>,
     {
+        self.call_or_why_within(store, self.timeout, command).await
+    }
+
+    /// [`L2::call_or_why`] with a deadline of its own (the command's options must carry it too).
+    async fn call_or_why_within<T, F>(
+        &self,
+        store: &Store,
+        deadline: Duration,
+        command: F,
+    ) -> Result<T, CallFailed>
+    where
+        F: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
         // fred's own timeout is not fully cancellation-safe; the outer one bounds us regardless.
-        match tokio::time::timeout(self.timeout + Duration::from_millis(5), command).await {
+        match tokio::time::timeout(deadline + Duration::from_millis(5), command).await {
             Ok(Ok(value)) => {
                 store.breaker.success();
                 Ok(value)
@@ -709,10 +731,19 @@ impl L2 {
             self.stats.overtaken_writes.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        let client = self.command_client(store);
+        // A large value takes longer to cross the network than REDIS_TIMEOUT allows a command:
+        // its SET gets the time to send it on top, or every large fill would time out, miss
+        // Redis and count toward opening the breaker for every key.
+        let deadline = write_deadline(self.timeout, value.len());
+        let options = Options {
+            timeout: Some(deadline),
+            ..self.options.clone()
+        };
+        let client = store.pool.next_connected().with_options(&options);
         let written: Result<(), CallFailed> = self
-            .call_or_why(
+            .call_or_why_within(
                 store,
+                deadline,
                 client.set(
                     self.entry_key(key),
                     value,
@@ -1672,6 +1703,18 @@ mod tests {
             selector: Selector::Key(url.into()),
             soft: false,
         }
+    }
+
+    #[test]
+    fn large_writes_get_the_time_to_cross_the_network() {
+        let timeout = Duration::from_millis(50);
+        assert_eq!(write_deadline(timeout, 1024), Duration::from_micros(50_015));
+        // 8 MiB, CACHE_MAX_OBJECT_MB's default: 125 ms more.
+        assert_eq!(
+            write_deadline(timeout, 8 * 1024 * 1024),
+            Duration::from_millis(175)
+        );
+        assert!(write_deadline(timeout, usize::MAX) > Duration::from_secs(3600));
     }
 
     #[test]
