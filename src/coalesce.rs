@@ -63,15 +63,22 @@ impl Follower {
         let finished = self
             .state
             .wait_for(|state| !matches!(state, FlightState::Pending));
-        match tokio::time::timeout_at(deadline, finished).await {
-            Ok(Ok(state)) => match &*state {
-                FlightState::Stored(entry) => Waited::Stored(entry.clone()),
-                FlightState::Failed => Waited::Failed,
-                FlightState::Pending | FlightState::Released => Waited::Released,
+        // Boxed: a timer is over a hundred bytes, and inline it made a coalesced request's boxed
+        // future too large for glibc's per-thread cache (see `Accounted`); this small box is
+        // served from that cache.
+        let timer = Box::pin(tokio::time::sleep_until(deadline));
+        tokio::select! {
+            biased;
+            state = finished => match state {
+                Ok(state) => match &*state {
+                    FlightState::Stored(entry) => Waited::Stored(entry.clone()),
+                    FlightState::Failed => Waited::Failed,
+                    FlightState::Pending | FlightState::Released => Waited::Released,
+                },
+                // The sender is gone: the leader vanished without a word. Treat as released.
+                Err(_) => Waited::Released,
             },
-            // The sender is gone: the leader vanished without a word. Treat as released.
-            Ok(Err(_)) => Waited::Released,
-            Err(_) => Waited::TimedOut,
+            () = timer => Waited::TimedOut,
         }
     }
 }
