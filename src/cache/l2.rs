@@ -302,23 +302,34 @@ impl ScanPage<fred::types::scan::ScanResult> {
     }
 }
 
-impl ScanPage<fred::types::scan::SScanResult> {
-    fn take_members(&mut self) -> Vec<String> {
-        self.take_results()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(Value::into_string)
+/// A page of a tag index's members: a plain set's (SSCAN) or a sorted set's (ZSCAN, scores
+/// left out).
+trait IndexPage {
+    fn into_members(self) -> Vec<String>;
+}
+
+impl IndexPage for Vec<Value> {
+    fn into_members(self) -> Vec<String> {
+        self.into_iter().filter_map(Value::into_string).collect()
+    }
+}
+
+impl IndexPage for Vec<(Value, f64)> {
+    fn into_members(self) -> Vec<String> {
+        self.into_iter()
+            .filter_map(|(member, _score)| member.into_string())
             .collect()
     }
 }
 
-impl ScanPage<fred::types::scan::ZScanResult> {
+impl<S: Scanner> ScanPage<S>
+where
+    S::Page: IndexPage,
+{
     fn take_members(&mut self) -> Vec<String> {
         self.take_results()
+            .map(IndexPage::into_members)
             .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(member, _score)| member.into_string())
-            .collect()
     }
 }
 
@@ -1033,33 +1044,46 @@ impl L2 {
                     // Page by page (ZSCAN), like patterns: a tag on a million entries is purged in
                     // batches within the purge's deadline, where one ZRANGE had to answer within
                     // REDIS_TIMEOUT and never did.
-                    let index = TagIndex::Sorted(self.tag_key(tag));
                     let client = store.pool.next_connected();
-                    let mut pages = client
-                        .zscan(index.key(), "*", Some(PURGE_BATCH as u32))
-                        .boxed();
-                    while let Some(page) = pages.next().await {
-                        let mut page = self.scan_page(page, "ZSCAN")?;
-                        let members = page.take_members();
-                        concerned += self
-                            .purge_members(store, &index, members, purge, now)
-                            .await?;
-                        page.next();
-                    }
+                    let index = TagIndex::Sorted(self.tag_key(tag));
+                    let pages = client.zscan(index.key(), "*", Some(PURGE_BATCH as u32));
+                    concerned += self
+                        .purge_index(store, &index, pages.boxed(), "ZSCAN", purge, now)
+                        .await?;
                     let index = TagIndex::Legacy(self.legacy_tag_key(tag));
-                    let mut pages = client
-                        .sscan(index.key(), "*", Some(PURGE_BATCH as u32))
-                        .boxed();
-                    while let Some(page) = pages.next().await {
-                        let mut page = self.scan_page(page, "SSCAN")?;
-                        let members = page.take_members();
-                        concerned += self
-                            .purge_members(store, &index, members, purge, now)
-                            .await?;
-                        page.next();
-                    }
+                    let pages = client.sscan(index.key(), "*", Some(PURGE_BATCH as u32));
+                    concerned += self
+                        .purge_index(store, &index, pages.boxed(), "SSCAN", purge, now)
+                        .await?;
                 }
             }
+        }
+        Ok(concerned)
+    }
+
+    /// Purges the entries a tag's index names, page by page (`command` names the scan in logs);
+    /// how many there were.
+    async fn purge_index<S>(
+        &self,
+        store: &Store,
+        index: &TagIndex,
+        mut pages: futures_util::stream::BoxStream<'_, Result<S, fred::error::Error>>,
+        command: &str,
+        purge: &Purge,
+        now: std::time::SystemTime,
+    ) -> Result<u64, Unfinished>
+    where
+        S: Scanner,
+        S::Page: IndexPage,
+    {
+        let mut concerned = 0;
+        while let Some(page) = pages.next().await {
+            let mut page = self.scan_page(page, command)?;
+            let members = page.take_members();
+            concerned += self
+                .purge_members(store, index, members, purge, now)
+                .await?;
+            page.next();
         }
         Ok(concerned)
     }
