@@ -395,9 +395,9 @@ fn etag_strong_eq(candidate: &str, etag: Option<&HeaderValue>) -> bool {
 }
 
 /// The one line of a request field defined as a single value (`Range`, `If-Range`, the dates of
-/// conditional requests); `None` when it is absent or sent on several lines, which makes it invalid
-/// (RFC 9110 §5.3): the field is then ignored.
-fn single_line(request: &HeaderMap, name: header::HeaderName) -> Option<&HeaderValue> {
+/// conditional requests, `Max-Forwards`); `None` when it is absent or sent on several lines, which
+/// makes it invalid (RFC 9110 §5.3): the field is then ignored.
+pub(crate) fn single_line(request: &HeaderMap, name: header::HeaderName) -> Option<&HeaderValue> {
     let mut lines = request.get_all(name).iter();
     match (lines.next(), lines.next()) {
         (Some(line), None) => Some(line),

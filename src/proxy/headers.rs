@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+use crate::cache::policy::single_line;
+
 /// Fields that describe one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -223,10 +225,7 @@ pub fn settle_response_framing(headers: &mut HeaderMap) -> Result<(), String> {
 /// `Max-Forwards` of a request Strata is about to forward (RFC 9110 §7.6.2): its value, lowered by
 /// one in `headers` when above zero. `None` (and left as it is) when absent or not one number.
 pub fn take_a_forward(headers: &mut HeaderMap) -> Option<u64> {
-    let mut lines = headers.get_all(header::MAX_FORWARDS).iter();
-    let (Some(line), None) = (lines.next(), lines.next()) else {
-        return None;
-    };
+    let line = single_line(headers, header::MAX_FORWARDS)?;
     let text = line.to_str().ok()?.trim();
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
